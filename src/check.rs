@@ -1,0 +1,78 @@
+//! `smtp-tls-proxy check`: what the validated configuration will serve, for a human.
+
+use std::fmt::Write as _;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use crate::config::{CertificateSource, Mode, ProxyVersion};
+use crate::snapshot::Snapshot;
+
+/// The report printed by `check`: listeners, then certificates with their names and expiry.
+pub fn describe(snapshot: &Snapshot) -> String {
+    let mut out = String::new();
+    let c = &snapshot.config;
+    let _ = writeln!(out, "{}: ok", c.path.display());
+    for (name, l) in &snapshot.listeners {
+        let lc = &l.config;
+        let up = &lc.upstream;
+        let proxy = match up.proxy_protocol {
+            ProxyVersion::None => "no PROXY header: the MTA sees the proxy's address".to_owned(),
+            ProxyVersion::V1 => "PROXY v1".to_owned(),
+            ProxyVersion::V2 => "PROXY v2".to_owned(),
+        };
+        let mode = match lc.mode {
+            Mode::Implicit => "implicit TLS".to_owned(),
+            Mode::Starttls if lc.require_starttls => "STARTTLS required".to_owned(),
+            Mode::Starttls => "STARTTLS optional".to_owned(),
+        };
+        let default = l
+            .tls
+            .resolver
+            .default
+            .iter()
+            .map(|c| c.label.as_str())
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(
+            out,
+            "listener {name}: {} {mode}, hostname {}, default certificate {default}, unknown_sni {:?}, client_cert {:?}, session_tickets {}",
+            lc.listen,
+            lc.hostname,
+            lc.unknown_sni,
+            lc.client_cert,
+            if lc.session_tickets { "on" } else { "off" },
+        );
+        let tls = if up.tls.is_some() { ", TLS" } else { "" };
+        let _ = writeln!(
+            out,
+            "  upstream {}: {} ({proxy}{tls}, connect_timeout {})",
+            up.name,
+            up.address,
+            humantime::format_duration(up.connect_timeout)
+        );
+    }
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or_default();
+    for (source, cert) in c.certificates.iter().zip(snapshot.store.all()) {
+        let (index, origin) = match source {
+            CertificateSource::Files { index, .. } => (*index, cert.origin.clone()),
+            CertificateSource::SelfSigned { index, .. } => (*index, "self-signed".to_owned()),
+        };
+        let expires = UNIX_EPOCH + Duration::from_secs(cert.not_after.max(0) as u64);
+        let days = (cert.not_after - now) / 86_400;
+        let _ = writeln!(
+            out,
+            "certificate {index}: {origin}: names {}; key {}; expires {} ({})",
+            cert.names.join(", "),
+            cert.key_kind.key_alg(),
+            humantime::format_rfc3339_seconds(expires),
+            if days < 0 {
+                "EXPIRED".to_owned()
+            } else {
+                format!("in {days} days")
+            }
+        );
+    }
+    out
+}

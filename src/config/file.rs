@@ -1,0 +1,185 @@
+//! Serde mirror of proxy.yaml: field names are the YAML keys, unknown keys are errors, no logic.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+/// The whole file, before cross-reference validation.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub log: LogFile,
+    #[serde(default)]
+    pub metrics: Option<MetricsFile>,
+    /// How long SIGTERM waits for sessions in flight.
+    #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamFile>,
+    #[serde(default)]
+    pub certificates: Vec<CertificateFile>,
+    #[serde(default)]
+    pub listeners: BTreeMap<String, ListenerFile>,
+}
+
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LogFile {
+    #[serde(default)]
+    pub format: LogFormat,
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+fn default_level() -> String {
+    "info".to_owned()
+}
+
+/// `log.format`.
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsFile {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamFile {
+    /// `host:port`; a host name is resolved at each connect.
+    pub address: String,
+    #[serde(default)]
+    pub proxy_protocol: ProxyVersion,
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default)]
+    pub tls: Option<UpstreamTlsFile>,
+    /// Must be true for `proxy_protocol: none` (the open-relay guard).
+    #[serde(default)]
+    pub allow_hidden_client_address: bool,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// `upstreams.*.proxy_protocol`.
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyVersion {
+    None,
+    V1,
+    #[default]
+    V2,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsFile {
+    pub ca: PathBuf,
+    pub server_name: String,
+}
+
+/// One entry of `certificates`: exactly one of `cert`+`key` or `self_signed`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateFile {
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    #[serde(default)]
+    pub self_signed: Option<Vec<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerFile {
+    pub listen: SocketAddr,
+    pub mode: Mode,
+    pub hostname: String,
+    pub upstream: String,
+    #[serde(default)]
+    pub unknown_sni: UnknownSni,
+    #[serde(default)]
+    pub client_cert: ClientCertMode,
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+    #[serde(default)]
+    pub require_starttls: bool,
+    /// TLS 1.3 session tickets; default off on STARTTLS listeners, on for implicit ones.
+    #[serde(default)]
+    pub session_tickets: Option<bool>,
+    #[serde(default)]
+    pub accept_proxy_protocol: Vec<IpNet>,
+    #[serde(default)]
+    pub limits: LimitsFile,
+}
+
+/// `listeners.*.mode`.
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    Starttls,
+    Implicit,
+}
+
+/// `listeners.*.unknown_sni`.
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownSni {
+    #[default]
+    Default,
+    Reject,
+}
+
+/// `listeners.*.client_cert`.
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientCertMode {
+    #[default]
+    None,
+    Request,
+    Require,
+}
+
+#[derive(Debug, Deserialize, Clone)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsFile {
+    pub max_connections: usize,
+    pub per_ip: usize,
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub command_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for LimitsFile {
+    fn default() -> Self {
+        LimitsFile {
+            max_connections: 10_000,
+            per_ip: 50,
+            handshake_timeout: Duration::from_secs(10),
+            command_timeout: Duration::from_secs(60),
+            idle_timeout: Duration::from_secs(600),
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! Loading proxy.yaml: figment merges the YAML file and `SMTP_TLS_PROXY_*` environment
+//! overrides, serde checks types and unknown keys, `validate` checks cross-references.
+//! Every error reads `file: key.path: reason`.
+
+pub mod file;
+mod validate;
+
+use std::fmt;
+use std::path::Path;
+
+use figment::Figment;
+use figment::providers::{Env, Format};
+
+pub use file::{ClientCertMode, LogFormat, Mode, ProxyVersion, UnknownSni};
+pub use validate::{
+    CertificateSource, Config, Limits, ListenerConfig, LogConfig, UpstreamConfig, UpstreamTls,
+};
+
+/// Prefix of environment overrides; `__` separates levels.
+pub const ENV_PREFIX: &str = "SMTP_TLS_PROXY_";
+
+/// A configuration problem, located as precisely as the source allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The config file, or the environment variable that carried the bad value.
+    pub source: String,
+    /// Dotted key path as the user typed it (`listeners.smtp.upstream`); empty for whole-file errors.
+    pub key: String,
+    pub reason: String,
+}
+
+impl ConfigError {
+    pub fn new(file: &Path, key: impl Into<String>, reason: impl Into<String>) -> Self {
+        ConfigError {
+            source: file.display().to_string(),
+            key: key.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.source, self.reason)
+        } else {
+            write!(f, "{}: {}: {}", self.source, self.key, self.reason)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads, merges and validates the configuration. Certificates are loaded later, when the
+/// `Snapshot` is built, so that `check`, start and reload share one path.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    // figment treats a missing file as empty; an operator who mistyped the path must hear it.
+    if let Err(e) = std::fs::metadata(path) {
+        return Err(ConfigError::new(path, "", format!("cannot read: {e}")));
+    }
+    let figment = Figment::new()
+        .merge(serde_saphyr::figment::Yaml::file_exact(path))
+        .merge(Env::prefixed(ENV_PREFIX).split("__"));
+    let parsed: file::FileConfig = figment.extract().map_err(|e| from_figment(path, e))?;
+    validate::validate(path, parsed)
+}
+
+fn from_figment(path: &Path, err: figment::Error) -> ConfigError {
+    let err = err
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| figment::Error::from("invalid configuration".to_owned()));
+    let key = err.path.join(".");
+    let source = match err.metadata.as_ref() {
+        Some(md) => match &md.source {
+            Some(figment::Source::File(p)) => p.display().to_string(),
+            // Env values: name the variable the operator has to fix.
+            _ => match err.profile.as_ref() {
+                Some(profile) if !err.path.is_empty() => md.interpolate(profile, &err.path),
+                _ => md.name.to_string(),
+            },
+        },
+        None => path.display().to_string(),
+    };
+    ConfigError {
+        source,
+        key,
+        reason: err.kind.to_string(),
+    }
+}

@@ -1,0 +1,71 @@
+//! CLI: `smtp-tls-proxy [--config proxy.yaml]` runs, `smtp-tls-proxy check` validates.
+//! Exit codes: 0 ok, 1 runtime failure (e.g. a port cannot be bound), 2 bad configuration.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use smtp_tls_proxy::{check, config, server, snapshot, telemetry};
+
+#[derive(Parser)]
+#[command(version, about = "TLS-terminating SMTP front proxy")]
+struct Cli {
+    /// Configuration file.
+    #[arg(long, short, global = true, default_value = "proxy.yaml")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy (the default).
+    Run,
+    /// Validate the configuration and certificates, print listeners, names and expiry.
+    Check,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let loaded = config::load(&cli.config).and_then(snapshot::build);
+    let snapshot = match loaded {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(Command::Check) = cli.command {
+        print!("{}", check::describe(&snapshot));
+        return ExitCode::SUCCESS;
+    }
+    telemetry::init(snapshot.config.log.format, &snapshot.config.log.level);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async move {
+        let signals = match server::Signals::register() {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("cannot register signal handlers: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        let bound = match server::bind_all(&snapshot) {
+            Ok(b) => b,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(1);
+            }
+        };
+        server::run(snapshot, bound, signals).await;
+        ExitCode::SUCCESS
+    })
+}

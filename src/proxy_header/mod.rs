@@ -1,0 +1,3 @@
+//! PROXY protocol: the header written towards the upstream (`outbound`).
+
+pub mod outbound;

@@ -1,0 +1,54 @@
+//! Implicit TLS (port 465): handshake first, then the upstream with a PROXY header carrying
+//! the TLS facts, its greeting forwarded unchanged, then the relay.
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::{Outcome, Peer, SessionReport, Transport, proxy_header, write_reply};
+use crate::relay::{self, RelayEnd};
+use crate::snapshot::ListenerRuntime;
+use crate::tls::{self, HandshakeFailure};
+use crate::upstream;
+
+pub async fn run(tcp: TcpStream, peer: Peer, l: &ListenerRuntime, report: &mut SessionReport) {
+    let limits = &l.config.limits;
+    let (mut client, facts) = match tls::accept(tcp, &l.tls, limits.handshake_timeout).await {
+        Ok(ok) => ok,
+        Err(HandshakeFailure::Timeout) => {
+            report.outcome = Outcome::Timeout("handshake");
+            return;
+        }
+        Err(f) => {
+            report.outcome = Outcome::HandshakeFailed(f.to_string());
+            return;
+        }
+    };
+    report.transport = Transport::Implicit;
+    report.tls = Some(facts);
+
+    let header = proxy_header(l.upstream.config.proxy_protocol, peer, report);
+    let mut up = match upstream::connect(&l.upstream, &header).await {
+        Ok(up) => up,
+        Err(e) => {
+            let _ = write_reply(&mut client, &e.reply(&l.config.hostname)).await;
+            let _ = client.shutdown().await;
+            report.outcome = Outcome::UpstreamFailed(e.to_string());
+            return;
+        }
+    };
+    report.upstream_addr = Some(up.addr);
+    // The greeting goes to the client unchanged (the MTA's own policy, e.g. a 554, included).
+    if write_reply(&mut client, &up.greeting).await.is_err() {
+        report.outcome = Outcome::Reset;
+        return;
+    }
+    report.bytes_from_upstream = up.greeting.len() as u64;
+    let r = relay::relay(&mut client, &mut up.stream, limits.idle_timeout).await;
+    report.bytes_from_client += r.bytes_from_client;
+    report.bytes_from_upstream += r.bytes_from_upstream;
+    report.outcome = match r.end {
+        RelayEnd::Closed => Outcome::Relayed,
+        RelayEnd::IdleTimeout => Outcome::Timeout("idle"),
+        RelayEnd::Reset => Outcome::Reset,
+    };
+}

@@ -1,0 +1,114 @@
+//! One client connection from accept to its summary line: the listener's mode decides the
+//! path (`implicit` or `starttls`); both end in `upstream::connect` and `relay`.
+
+pub mod implicit;
+pub mod report;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::config::{Mode, ProxyVersion};
+use crate::proxy_header::outbound::{self, ClientCertHeader, TlsHeaderFacts};
+use crate::snapshot::ListenerRuntime;
+use crate::tls::client_auth::ClientVerify;
+pub use report::{Outcome, SessionReport, Transport};
+
+/// Bound on writing one reply of ours to a client that does not read.
+const REPLY_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the client came from and which local address it reached.
+#[derive(Debug, Clone, Copy)]
+pub struct Peer {
+    pub client: SocketAddr,
+    pub local: SocketAddr,
+}
+
+/// Runs a session to its end and emits its summary line.
+pub async fn run(tcp: TcpStream, peer: Peer, listener: Arc<ListenerRuntime>, session_id: String) {
+    let _ = tcp.set_nodelay(true);
+    let mut report = SessionReport::new(
+        session_id,
+        &listener.config.name,
+        peer.client,
+        &listener.upstream.config.name,
+    );
+    match listener.config.mode {
+        Mode::Implicit => implicit::run(tcp, peer, &listener, &mut report).await,
+        Mode::Starttls => {
+            // The STARTTLS dialogue arrives with its own issue; until then refuse honestly.
+            let mut tcp = tcp;
+            let _ = write_reply(
+                &mut tcp,
+                &crate::smtp::reply::upstream_unavailable(&listener.config.hostname),
+            )
+            .await;
+            report.outcome = Outcome::ProtocolError("starttls mode not available".into());
+        }
+    }
+    report.emit();
+}
+
+/// The PROXY header for this session, as the upstream is configured to expect it.
+pub fn proxy_header(version: ProxyVersion, peer: Peer, report: &SessionReport) -> Vec<u8> {
+    match version {
+        ProxyVersion::None => Vec::new(),
+        ProxyVersion::V1 => outbound::encode_v1(peer.client, peer.local),
+        ProxyVersion::V2 => {
+            let key_alg;
+            let tls = match &report.tls {
+                Some(t) => {
+                    key_alg = t.cert.key_kind.key_alg();
+                    Some(TlsHeaderFacts {
+                        sni: t.sni.as_deref(),
+                        alpn: t.alpn.as_deref(),
+                        version: t.version,
+                        cipher: &t.cipher,
+                        sig_alg: &t.cert.sig_alg,
+                        key_alg: &key_alg,
+                        client_cert: t.client_cert.as_ref().map(|c| ClientCertHeader {
+                            cn: c.cn.as_deref(),
+                            sha256: &c.sha256,
+                            verified: c.verify == ClientVerify::Ok,
+                        }),
+                    })
+                }
+                None => None,
+            };
+            outbound::encode_v2(peer.client, peer.local, &report.session_id, tls.as_ref())
+        }
+    }
+}
+
+/// Writes one reply of ours, bounded in time; a client that does not read is not our problem.
+pub async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, reply: &[u8]) -> std::io::Result<()> {
+    match tokio::time::timeout(REPLY_WRITE_TIMEOUT, async {
+        w.write_all(reply).await?;
+        w.flush().await
+    })
+    .await
+    {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "client does not read",
+        )),
+    }
+}
+
+/// A short random session id: 16 hex digits, also sent as PROXY v2 UNIQUE_ID.
+pub fn new_session_id() -> String {
+    let mut bytes = [0u8; 8];
+    if aws_lc_rs::rand::fill(&mut bytes).is_err() {
+        // The system RNG failing is not a reason to refuse mail; a clock-based id is unique enough.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or_default();
+        bytes = nanos.to_be_bytes();
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,154 @@
+//! `Snapshot`: a validated `Config` plus everything built from it (certificate store,
+//! per-listener TLS configs, upstream connectors). It is the unit of reload: each
+//! connection holds its `Arc<Snapshot>` for its whole life.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use rustls::ServerConfig;
+use rustls::crypto::CryptoProvider;
+use rustls::server::NoServerSessionStorage;
+use rustls::server::danger::ClientCertVerifier;
+
+use crate::config::{ClientCertMode, Config, ConfigError, ListenerConfig, UpstreamConfig};
+use crate::tls::client_auth::{self, RequestAnyCert};
+use crate::tls::resolve::ListenerResolver;
+use crate::tls::upstream::UpstreamTlsClient;
+use crate::tls::{CertStore, ListenerTls};
+
+/// Config + built runtime objects.
+#[derive(Debug)]
+pub struct Snapshot {
+    pub config: Config,
+    pub store: Arc<CertStore>,
+    pub listeners: BTreeMap<String, Arc<ListenerRuntime>>,
+}
+
+/// One listener as sessions use it.
+#[derive(Debug)]
+pub struct ListenerRuntime {
+    pub config: ListenerConfig,
+    pub tls: ListenerTls,
+    pub upstream: Arc<UpstreamRuntime>,
+}
+
+/// One upstream as sessions use it.
+#[derive(Debug)]
+pub struct UpstreamRuntime {
+    pub config: Arc<UpstreamConfig>,
+    pub tls: Option<UpstreamTlsClient>,
+}
+
+/// Loads certificates and CA files and builds every TLS config. Errors carry key paths.
+pub fn build(config: Config) -> Result<Snapshot, ConfigError> {
+    let provider = crate::tls::provider();
+    let path = config.path.clone();
+    let err = |key: String, reason: String| ConfigError::new(&path, key, reason);
+    let store = Arc::new(CertStore::load(&path, &config.certificates, &provider)?);
+
+    let mut upstreams = BTreeMap::new();
+    for (name, up) in &config.upstreams {
+        let tls = match &up.tls {
+            Some(t) => Some(
+                crate::tls::upstream::build(t, &provider)
+                    .map_err(|(k, r)| err(format!("upstreams.{name}.{k}"), r))?,
+            ),
+            None => None,
+        };
+        upstreams.insert(
+            name.clone(),
+            Arc::new(UpstreamRuntime {
+                config: up.clone(),
+                tls,
+            }),
+        );
+    }
+
+    let mut listeners = BTreeMap::new();
+    for (name, l) in &config.listeners {
+        let tls = listener_tls(l, &store, &provider)
+            .map_err(|(k, r)| err(format!("listeners.{name}.{k}"), r))?;
+        let upstream = upstreams.get(&l.upstream.name).cloned().ok_or_else(|| {
+            err(
+                format!("listeners.{name}.upstream"),
+                "unknown upstream".into(),
+            )
+        })?;
+        listeners.insert(
+            name.clone(),
+            Arc::new(ListenerRuntime {
+                config: l.clone(),
+                tls,
+                upstream,
+            }),
+        );
+    }
+    Ok(Snapshot {
+        config,
+        store,
+        listeners,
+    })
+}
+
+fn listener_tls(
+    l: &ListenerConfig,
+    store: &Arc<CertStore>,
+    provider: &Arc<CryptoProvider>,
+) -> Result<ListenerTls, (String, String)> {
+    let default = store
+        .candidates(&l.hostname)
+        .ok_or_else(|| {
+            (
+                "hostname".to_owned(),
+                format!(
+                    "no certificate serves {:?} (the listener's default certificate)",
+                    l.hostname
+                ),
+            )
+        })?
+        .to_vec();
+    let resolver = Arc::new(ListenerResolver {
+        store: store.clone(),
+        default,
+        policy: l.unknown_sni,
+    });
+    let roots = match &l.client_ca {
+        Some(p) => Some(client_auth::load_roots(p).map_err(|r| ("client_ca".to_owned(), r))?),
+        None => None,
+    };
+    let judge: Option<Arc<dyn ClientCertVerifier>> = match &roots {
+        Some(r) => Some(
+            client_auth::chain_verifier(r.clone(), provider)
+                .map_err(|r| ("client_ca".to_owned(), r))?,
+        ),
+        None => None,
+    };
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ("mode".to_owned(), e.to_string()))?;
+    let builder = match l.client_cert {
+        // No CertificateRequest at all: the Gmail "Send mail as" fix.
+        ClientCertMode::None => builder.with_no_client_auth(),
+        ClientCertMode::Request => builder
+            .with_client_cert_verifier(Arc::new(RequestAnyCert::new(roots.as_ref(), provider))),
+        ClientCertMode::Require => {
+            builder.with_client_cert_verifier(judge.clone().ok_or_else(|| {
+                (
+                    "client_ca".to_owned(),
+                    "required for client_cert: require".to_owned(),
+                )
+            })?)
+        }
+    };
+    let mut config = builder.with_cert_resolver(resolver.clone());
+    if !l.session_tickets {
+        // outlook.com's senders abort STARTTLS after a TLS 1.3 ticket (catalogue G).
+        config.send_tls13_tickets = 0;
+        config.session_storage = Arc::new(NoServerSessionStorage {});
+    }
+    Ok(ListenerTls {
+        config: Arc::new(config),
+        resolver,
+        judge,
+    })
+}

@@ -1,0 +1,145 @@
+//! Server-side handshake: read the ClientHello, decide the certificate (or refuse with
+//! `unrecognized_name` before any handshake message), complete the handshake under the
+//! listener's `handshake_timeout`, and collect the facts for logs and the PROXY header.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::ServerConfig;
+use rustls::server::danger::ClientCertVerifier;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_rustls::LazyConfigAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use super::client_auth::{self, ClientCertFacts};
+use super::resolve::{CertChoice, HelloFacts, ListenerResolver};
+use super::store::ServedCert;
+
+/// The TLS alert record `unrecognized_name` (fatal), TLS 1.2 record version.
+const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];
+
+/// Everything a listener needs to run handshakes; built once per snapshot.
+#[derive(Debug)]
+pub struct ListenerTls {
+    pub config: Arc<ServerConfig>,
+    pub resolver: Arc<ListenerResolver>,
+    /// `client_ca` verifier used after the handshake to judge a presented certificate.
+    pub judge: Option<Arc<dyn ClientCertVerifier>>,
+}
+
+/// Facts of a completed handshake.
+#[derive(Debug, Clone)]
+pub struct TlsFacts {
+    pub sni: Option<String>,
+    pub version: &'static str,
+    pub cipher: String,
+    pub alpn: Option<Vec<u8>>,
+    pub cert: Arc<ServedCert>,
+    pub fallback: bool,
+    pub client_cert: Option<ClientCertFacts>,
+}
+
+/// Why a handshake did not complete; a normal network ending, not an error of ours.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    Timeout,
+    /// `unknown_sni: reject` and this SNI names nothing we serve.
+    UnrecognizedName(String),
+    /// rustls or the socket reported this.
+    Tls(String),
+}
+
+impl fmt::Display for HandshakeFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HandshakeFailure::Timeout => f.write_str("timeout"),
+            HandshakeFailure::UnrecognizedName(sni) => write!(f, "unrecognized_name sni={sni}"),
+            HandshakeFailure::Tls(reason) => f.write_str(reason),
+        }
+    }
+}
+
+/// Runs the whole server handshake on `io` within `timeout`.
+pub async fn accept<IO>(
+    io: IO,
+    tls: &ListenerTls,
+    timeout: Duration,
+) -> Result<(TlsStream<IO>, TlsFacts), HandshakeFailure>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(timeout, handshake(io, tls)).await {
+        Ok(result) => result,
+        Err(_) => Err(HandshakeFailure::Timeout),
+    }
+}
+
+async fn handshake<IO>(
+    io: IO,
+    tls: &ListenerTls,
+) -> Result<(TlsStream<IO>, TlsFacts), HandshakeFailure>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+{
+    let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io)
+        .await
+        .map_err(|e| HandshakeFailure::Tls(reason(&e)))?;
+    let hello = start.client_hello();
+    let sni = hello.server_name().map(str::to_owned);
+    let choice = tls.resolver.choose(&HelloFacts::from_hello(&hello));
+    let (cert, fallback) = match choice {
+        CertChoice::Serve { cert, fallback } => (cert, fallback),
+        CertChoice::Reject => {
+            // Decided before the handshake: returning no certificate from the resolver
+            // would make rustls send `access_denied`, which tells the sender nothing.
+            let mut io = start.io;
+            let _ = io.write_all(&ALERT_UNRECOGNIZED_NAME).await;
+            let _ = io.shutdown().await;
+            return Err(HandshakeFailure::UnrecognizedName(sni.unwrap_or_default()));
+        }
+    };
+    let stream = start
+        .into_stream(tls.config.clone())
+        .await
+        .map_err(|e| HandshakeFailure::Tls(reason(&e)))?;
+    let (_, conn) = stream.get_ref();
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+        _ => "unknown",
+    };
+    let cipher = conn
+        .negotiated_cipher_suite()
+        .map(|s| cipher_name(s.suite()))
+        .unwrap_or_default();
+    let facts = TlsFacts {
+        sni,
+        version,
+        cipher,
+        alpn: conn.alpn_protocol().map(<[u8]>::to_vec),
+        cert,
+        fallback,
+        client_cert: client_auth::facts(conn.peer_certificates(), tls.judge.as_ref()),
+    };
+    Ok((stream, facts))
+}
+
+/// IANA name of a suite (`TLS_AES_256_GCM_SHA384`, `TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256`).
+fn cipher_name(suite: rustls::CipherSuite) -> String {
+    let name = format!("{suite:?}");
+    match name.strip_prefix("TLS13_") {
+        Some(rest) => format!("TLS_{rest}"),
+        None => name,
+    }
+}
+
+fn reason(e: &std::io::Error) -> String {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(tls) => tls.to_string(),
+        None => e.to_string(),
+    }
+}

@@ -1,0 +1,124 @@
+//! Connecting the upstream MTA: TCP connect, PROXY header (one write, always cleartext),
+//! optional TLS towards an internal CA, and the 220 greeting — all within the upstream's
+//! `connect_timeout`. Every failure maps to `421 4.3.0` for the client (`UpstreamError::reply`).
+
+use std::fmt;
+use std::net::SocketAddr;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::time::{Instant, timeout_at};
+use tokio_rustls::TlsConnector;
+use tokio_util::either::Either;
+
+use crate::smtp::reply::{self, ReplyError};
+use crate::snapshot::UpstreamRuntime;
+
+/// The stream towards the MTA: plain TCP or TLS over it.
+pub type UpstreamStream = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+
+/// A connected upstream that has greeted.
+pub struct Upstream {
+    pub stream: UpstreamStream,
+    /// The greeting reply as received, plus anything that followed it in the same read.
+    pub greeting: Vec<u8>,
+    pub greeting_code: u16,
+    pub addr: SocketAddr,
+}
+
+/// Why the upstream could not be used. Never the client's fault: always a 4xx.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamError {
+    Resolve(String),
+    Connect(String),
+    Timeout(&'static str),
+    Tls(String),
+    Greeting(String),
+}
+
+impl UpstreamError {
+    /// The reply the client gets: temporary, so the sender retries.
+    pub fn reply(&self, hostname: &str) -> Vec<u8> {
+        reply::upstream_unavailable(hostname)
+    }
+}
+
+impl fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            UpstreamError::Resolve(e) => write!(f, "resolve: {e}"),
+            UpstreamError::Connect(e) => write!(f, "connect: {e}"),
+            UpstreamError::Timeout(phase) => write!(f, "timeout during {phase}"),
+            UpstreamError::Tls(e) => write!(f, "tls: {e}"),
+            UpstreamError::Greeting(e) => write!(f, "greeting: {e}"),
+        }
+    }
+}
+
+/// Connects, writes `header` (may be empty) in one write, does TLS if configured and reads
+/// the greeting. Consumes nothing from the client.
+pub async fn connect(up: &UpstreamRuntime, header: &[u8]) -> Result<Upstream, UpstreamError> {
+    let deadline = Instant::now() + up.config.connect_timeout;
+    let addrs: Vec<SocketAddr> = timeout_at(deadline, tokio::net::lookup_host(&up.config.address))
+        .await
+        .map_err(|_| UpstreamError::Timeout("resolve"))?
+        .map_err(|e| UpstreamError::Resolve(e.to_string()))?
+        .collect();
+    let mut last = UpstreamError::Resolve(format!("{} has no address", up.config.address));
+    let mut tcp = None;
+    for addr in addrs {
+        match timeout_at(deadline, TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => {
+                tcp = Some((s, addr));
+                break;
+            }
+            Ok(Err(e)) => last = UpstreamError::Connect(format!("{addr}: {e}")),
+            Err(_) => return Err(UpstreamError::Timeout("connect")),
+        }
+    }
+    let (mut tcp, addr) = tcp.ok_or(last)?;
+    let _ = tcp.set_nodelay(true);
+    if !header.is_empty() {
+        timeout_at(deadline, tcp.write_all(header))
+            .await
+            .map_err(|_| UpstreamError::Timeout("proxy header"))?
+            .map_err(|e| {
+                UpstreamError::Connect(format!("{addr}: writing the PROXY header: {e}"))
+            })?;
+    }
+    let mut stream: UpstreamStream = match &up.tls {
+        None => Either::Left(tcp),
+        Some(tls) => {
+            let connector = TlsConnector::from(tls.config.clone());
+            let s = timeout_at(deadline, connector.connect(tls.server_name.clone(), tcp))
+                .await
+                .map_err(|_| UpstreamError::Timeout("tls handshake"))?
+                .map_err(|e| UpstreamError::Tls(tls_reason(&e)))?;
+            Either::Right(s)
+        }
+    };
+    let mut greeting = Vec::with_capacity(256);
+    let span = timeout_at(deadline, reply::read_reply(&mut stream, &mut greeting))
+        .await
+        .map_err(|_| UpstreamError::Timeout("greeting"))?
+        .map_err(|e| match e {
+            ReplyError::Closed => UpstreamError::Greeting("closed before greeting".into()),
+            other => UpstreamError::Greeting(other.to_string()),
+        })?;
+    Ok(Upstream {
+        stream,
+        greeting,
+        greeting_code: span.code,
+        addr,
+    })
+}
+
+fn tls_reason(e: &std::io::Error) -> String {
+    match e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    {
+        Some(tls) => tls.to_string(),
+        None => e.to_string(),
+    }
+}
