@@ -1,6 +1,6 @@
 //! Byte relay between the client and the upstream: both directions in one task with
-//! half-close (tokio's `copy_bidirectional` semantics: EOF on one side shuts down the
-//! write half of the other, the opposite direction keeps flowing), an idle timeout when no
+//! half-close (EOF on one side shuts down the write half of the other, the opposite
+//! direction keeps flowing), an idle timeout when no
 //! byte moves either way, and byte counts that survive a timeout.
 
 use std::io;
@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
 /// Per-direction copy buffer. 8 KiB matches rustls' plaintext chunking and keeps the
@@ -51,9 +51,9 @@ impl Activity {
     }
 }
 
-/// A stream that counts the bytes read from it and notes activity.
+/// A read half that counts the bytes read from it and notes activity.
 struct Tracked<'a, S> {
-    inner: &'a mut S,
+    inner: S,
     bytes_read: &'a AtomicU64,
     activity: &'a Activity,
 }
@@ -66,7 +66,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<'_, S> {
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
-        let res = Pin::new(&mut *this.inner).poll_read(cx, buf);
+        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
         if n > 0 {
             this.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
@@ -76,25 +76,14 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<'_, S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Tracked<'_, S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut *self.get_mut().inner).poll_shutdown(cx)
-    }
-}
+/// After the upstream has closed (e.g. after its 221), how long the client may take to
+/// close its side before the session ends anyway.
+pub const UPSTREAM_CLOSED_LINGER: Duration = Duration::from_secs(2);
 
 /// Relays until both directions are done, an error, or `idle` without a byte either way.
+/// Client EOF: the upstream's write half is shut down and its remaining replies still reach
+/// the client. Upstream EOF: the client's write half is shut down and the client gets
+/// `UPSTREAM_CLOSED_LINGER` to close too.
 pub async fn relay<C, U>(client: &mut C, upstream: &mut U, idle: Duration) -> RelayReport
 where
     C: AsyncRead + AsyncWrite + Unpin,
@@ -107,18 +96,28 @@ where
     let from_client = AtomicU64::new(0);
     let from_upstream = AtomicU64::new(0);
     let end = {
-        let mut c = Tracked {
-            inner: client,
+        let (cr, mut cw) = tokio::io::split(client);
+        let (ur, mut uw) = tokio::io::split(upstream);
+        let mut cr = Tracked {
+            inner: cr,
             bytes_read: &from_client,
             activity: &activity,
         };
-        let mut u = Tracked {
-            inner: upstream,
+        let mut ur = Tracked {
+            inner: ur,
             bytes_read: &from_upstream,
             activity: &activity,
         };
-        let copy =
-            tokio::io::copy_bidirectional_with_sizes(&mut c, &mut u, RELAY_BUFFER, RELAY_BUFFER);
+        let c2u = async {
+            let r = copy(&mut cr, &mut uw).await;
+            let _ = uw.shutdown().await;
+            r
+        };
+        let u2c = async {
+            let r = copy(&mut ur, &mut cw).await;
+            let _ = cw.shutdown().await;
+            r
+        };
         let watchdog = async {
             loop {
                 let deadline = activity.last() + idle;
@@ -128,18 +127,55 @@ where
                 tokio::time::sleep_until(deadline).await;
             }
         };
+        tokio::pin!(c2u, u2c, watchdog);
         tokio::select! {
-            res = copy => match res {
-                Ok(_) => RelayEnd::Closed,
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => RelayEnd::Closed,
-                Err(_) => RelayEnd::Reset,
+            () = &mut watchdog => RelayEnd::IdleTimeout,
+            r = &mut c2u => match r {
+                // Half-close: the upstream's last replies still reach the client.
+                Ok(()) => tokio::select! {
+                    () = &mut watchdog => RelayEnd::IdleTimeout,
+                    r = &mut u2c => end_of(r),
+                },
+                Err(e) => end_of(Err(e)),
             },
-            () = watchdog => RelayEnd::IdleTimeout,
+            r = &mut u2c => match r {
+                Ok(()) => match tokio::time::timeout(UPSTREAM_CLOSED_LINGER, &mut c2u).await {
+                    Ok(r) => end_of(r),
+                    Err(_) => RelayEnd::Closed,
+                },
+                Err(e) => end_of(Err(e)),
+            },
         }
     };
     RelayReport {
         bytes_from_client: from_client.load(Ordering::Relaxed),
         bytes_from_upstream: from_upstream.load(Ordering::Relaxed),
         end,
+    }
+}
+
+fn end_of(r: io::Result<()>) -> RelayEnd {
+    match r {
+        Ok(()) => RelayEnd::Closed,
+        // A client leaving without TLS close_notify is the common way SMTP sessions end.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => RelayEnd::Closed,
+        Err(_) => RelayEnd::Reset,
+    }
+}
+
+/// Copies until EOF with one `RELAY_BUFFER`, flushing after each write.
+async fn copy<R, W>(r: &mut R, w: &mut W) -> io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; RELAY_BUFFER];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        w.write_all(&buf[..n]).await?;
+        w.flush().await?;
     }
 }

@@ -154,6 +154,40 @@ impl Postfix {
         Ok(pf)
     }
 
+    /// Stops the instance's master (all its ports close) to simulate an MTA outage.
+    pub fn stop_for_outage(&self) {
+        let conf = self.conf_dir();
+        let out = Command::new(POSTFIX)
+            .arg("-c")
+            .arg(&conf)
+            .arg("stop")
+            .output()
+            .expect("run postfix stop");
+        assert!(out.status.success(), "postfix stop: {out:?}");
+        let port = self.proxy_port;
+        assert!(
+            wait_until(Duration::from_secs(30), || !is_listening(port)),
+            "postfix still listening after stop"
+        );
+    }
+
+    /// Starts the instance again after `stop_for_outage`.
+    pub fn restart_after_outage(&self) {
+        let conf = self.conf_dir();
+        let out = Command::new(POSTFIX)
+            .arg("-c")
+            .arg(&conf)
+            .arg("start")
+            .output()
+            .expect("run postfix start");
+        assert!(out.status.success(), "postfix start: {out:?}");
+        let port = self.proxy_port;
+        assert!(
+            wait_until(Duration::from_secs(30), || is_listening(port)),
+            "postfix not listening after restart"
+        );
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }

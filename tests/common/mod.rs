@@ -1,0 +1,695 @@
+//! Shared test parts: a PKI made with rcgen, the proxy binary started as a child process
+//! (ready when it has logged every bound listener), a recording fake MTA for unit-level
+//! checks, rustls and SMTP line clients with timeouts, and a private Postfix (`postfix`).
+#![allow(dead_code)]
+
+pub mod postfix;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
+};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
+use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_rustls::TlsConnector;
+
+/// Bound on every single network wait in tests.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+// ---------------------------------------------------------------- PKI
+
+/// A server CA and a client CA, with helpers writing PEM files into a temp dir.
+pub struct TestPki {
+    pub dir: tempfile::TempDir,
+    server_ca: CertifiedIssuer<'static, KeyPair>,
+    client_ca: CertifiedIssuer<'static, KeyPair>,
+}
+
+/// A certificate and key as files and DER.
+pub struct Issued {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+}
+
+fn ca(cn: &str) -> CertifiedIssuer<'static, KeyPair> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, cn);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+}
+
+impl TestPki {
+    pub fn new() -> TestPki {
+        TestPki {
+            dir: tempfile::tempdir().unwrap(),
+            server_ca: ca("smtp-tls-proxy test server CA"),
+            client_ca: ca("smtp-tls-proxy test client CA"),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn server_ca_der(&self) -> CertificateDer<'static> {
+        self.server_ca.der().clone()
+    }
+
+    /// Writes the server CA as PEM and returns its path.
+    pub fn server_ca_pem(&self) -> PathBuf {
+        let p = self.path("server-ca.pem");
+        std::fs::write(&p, self.server_ca.pem()).unwrap();
+        p
+    }
+
+    pub fn client_ca_pem(&self) -> PathBuf {
+        let p = self.path("client-ca.pem");
+        std::fs::write(&p, self.client_ca.pem()).unwrap();
+        p
+    }
+
+    /// A server certificate for `names` from the server CA, ECDSA P-256 or RSA-2048.
+    pub fn server_cert(&self, file: &str, names: &[&str], rsa: bool) -> Issued {
+        let key = if rsa {
+            KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256).unwrap()
+        } else {
+            KeyPair::generate().unwrap()
+        };
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name.push(DnType::CommonName, names[0]);
+        let cert = params.signed_by(&key, &self.server_ca).unwrap();
+        self.write(file, cert, key)
+    }
+
+    /// A client certificate with this CN from the client CA.
+    pub fn client_cert(&self, file: &str, cn: &str) -> Issued {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let cert = params.signed_by(&key, &self.client_ca).unwrap();
+        self.write(file, cert, key)
+    }
+
+    /// A self-signed client certificate no CA knows (what Gmail presents when asked).
+    pub fn unknown_client_cert(&self, file: &str, cn: &str) -> Issued {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(DnType::CommonName, cn);
+        let cert = params.self_signed(&key).unwrap();
+        self.write(file, cert, key)
+    }
+
+    fn write(&self, file: &str, cert: rcgen::Certificate, key: KeyPair) -> Issued {
+        let cert_path = self.path(&format!("{file}.crt"));
+        let key_path = self.path(&format!("{file}.key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        Issued {
+            cert_path,
+            key_path,
+            chain: vec![cert.der().clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- proxy process
+
+/// The proxy binary running as a child, with its JSON log collected.
+pub struct RunningProxy {
+    child: Child,
+    pub addrs: HashMap<String, SocketAddr>,
+    logs: Arc<Mutex<Vec<Value>>>,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_smtp-tls-proxy")
+}
+
+/// Writes `yaml` to a temp dir and starts the proxy on it. Listeners should use port 0; the
+/// bound addresses come from the proxy's `listening` log events. Returns once `ready` is logged.
+pub fn spawn_proxy(yaml: &str) -> RunningProxy {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    spawn_proxy_at(dir, &config, &[])
+}
+
+pub fn spawn_proxy_at(dir: tempfile::TempDir, config: &Path, env: &[(&str, &str)]) -> RunningProxy {
+    let mut cmd = Command::new(binary());
+    cmd.arg("--config")
+        .arg(config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("start the proxy binary");
+    let stderr = child.stderr.take().unwrap();
+    let logs: Arc<Mutex<Vec<Value>>> = Arc::default();
+    let sink = logs.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let value =
+                serde_json::from_str(&line).unwrap_or_else(|_| serde_json::json!({ "raw": line }));
+            sink.lock().unwrap().push(value);
+        }
+    });
+    let mut proxy = RunningProxy {
+        child,
+        addrs: HashMap::new(),
+        logs,
+        dir,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if proxy.find_log(|v| v["message"] == "ready").is_some() {
+            break;
+        }
+        if let Ok(Some(status)) = proxy.child.try_wait() {
+            panic!(
+                "proxy exited with {status} before ready:\n{}",
+                proxy.log_text()
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "proxy not ready in 30 s:\n{}",
+            proxy.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    for v in proxy.logs.lock().unwrap().iter() {
+        if v["message"] == "listening" {
+            let name = v["listener"].as_str().unwrap().to_owned();
+            let addr = v["address"].as_str().unwrap().parse().unwrap();
+            proxy.addrs.insert(name, addr);
+        }
+    }
+    proxy
+}
+
+impl RunningProxy {
+    pub fn addr(&self, listener: &str) -> SocketAddr {
+        *self
+            .addrs
+            .get(listener)
+            .unwrap_or_else(|| panic!("no listener {listener}: {:?}", self.addrs))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn logs(&self) -> Vec<Value> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.logs()
+            .iter()
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    pub fn find_log(&self, pred: impl Fn(&Value) -> bool) -> Option<Value> {
+        self.logs.lock().unwrap().iter().find(|v| pred(v)).cloned()
+    }
+
+    /// Polls (bounded) until a log event matches.
+    pub async fn wait_for_log(&self, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + IO_TIMEOUT;
+        loop {
+            if let Some(v) = self.find_log(&pred) {
+                return v;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no matching log event in {IO_TIMEOUT:?}:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// The summary line of the session whose client port is `client`.
+    pub async fn session_line(&self, client: SocketAddr) -> Value {
+        let c = client.to_string();
+        self.wait_for_log(|v| v["message"] == "session" && v["client"] == c.as_str())
+            .await
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits (bounded) for the process to exit and returns its status code.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for RunningProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- proxy log ---\n{}", self.log_text());
+        }
+    }
+}
+
+// ---------------------------------------------------------------- fake MTA
+
+/// What one connection to the fake MTA carried.
+#[derive(Debug, Clone, Default)]
+pub struct MtaConn {
+    /// The raw PROXY header bytes (v1 line or v2 binary), empty if none.
+    pub header: Vec<u8>,
+    /// Command lines and message content lines as received, CRLF stripped.
+    pub lines: Vec<String>,
+    pub closed: bool,
+}
+
+/// A recording fake MTA: reads a PROXY header (v1/v2), greets, answers like a small ESMTP
+/// server (EHLO offers STARTTLS), and records everything. Unit-level only: the real proof is Postfix.
+pub struct FakeMta {
+    pub addr: SocketAddr,
+    conns: Arc<Mutex<Vec<MtaConn>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeMta {
+    pub async fn start() -> FakeMta {
+        Self::start_with_greeting("220 fake.mta ESMTP\r\n").await
+    }
+
+    pub async fn start_with_greeting(greeting: &'static str) -> FakeMta {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let conns: Arc<Mutex<Vec<MtaConn>>> = Arc::default();
+        let shared = conns.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let index = {
+                    let mut c = shared.lock().unwrap();
+                    c.push(MtaConn::default());
+                    c.len() - 1
+                };
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let _ = fake_mta_conn(stream, greeting, &shared, index).await;
+                    shared.lock().unwrap()[index].closed = true;
+                });
+            }
+        });
+        FakeMta { addr, conns, task }
+    }
+
+    pub fn conns(&self) -> Vec<MtaConn> {
+        self.conns.lock().unwrap().clone()
+    }
+
+    /// Polls (bounded) until connection `index` has recorded a line matching `pred`.
+    pub async fn wait_line(&self, index: usize, pred: impl Fn(&str) -> bool) -> MtaConn {
+        let deadline = Instant::now() + IO_TIMEOUT;
+        loop {
+            if let Some(c) = self.conns().get(index) {
+                if c.lines.iter().any(|l| pred(l)) {
+                    return c.clone();
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fake MTA: no such line: {:?}",
+                self.conns()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for FakeMta {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn fake_mta_conn(
+    mut s: TcpStream,
+    greeting: &str,
+    shared: &Mutex<Vec<MtaConn>>,
+    index: usize,
+) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    // PROXY header: read until ppp says complete (or it is not one).
+    loop {
+        match ppp::HeaderResult::parse(&buf) {
+            r if ppp::PartialResult::is_incomplete(&r) => {}
+            ppp::HeaderResult::V1(Ok(h)) => {
+                let n = h.header.len();
+                shared.lock().unwrap()[index].header = buf[..n].to_vec();
+                buf.drain(..n);
+                break;
+            }
+            ppp::HeaderResult::V2(Ok(h)) => {
+                let n = h.len();
+                shared.lock().unwrap()[index].header = buf[..n].to_vec();
+                buf.drain(..n);
+                break;
+            }
+            _ => break,
+        }
+        let mut chunk = [0u8; 1024];
+        let n = tokio::time::timeout(IO_TIMEOUT, s.read(&mut chunk)).await??;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    s.write_all(greeting.as_bytes()).await?;
+    if !greeting.starts_with('2') {
+        return Ok(());
+    }
+    let mut in_data = false;
+    loop {
+        while let Some(pos) = buf.windows(2).position(|w| w == b"\r\n") {
+            let line = String::from_utf8_lossy(&buf[..pos]).into_owned();
+            buf.drain(..pos + 2);
+            shared.lock().unwrap()[index].lines.push(line.clone());
+            let upper = line.to_ascii_uppercase();
+            let reply: &[u8] = if in_data {
+                if line == "." {
+                    in_data = false;
+                    b"250 2.0.0 queued\r\n"
+                } else {
+                    continue;
+                }
+            } else if upper.starts_with("EHLO") {
+                b"250-fake.mta\r\n250-PIPELINING\r\n250-STARTTLS\r\n250-SIZE 10240000\r\n250 8BITMIME\r\n"
+            } else if upper.starts_with("DATA") {
+                in_data = true;
+                b"354 go ahead\r\n"
+            } else if upper.starts_with("QUIT") {
+                s.write_all(b"221 2.0.0 bye\r\n").await?;
+                return Ok(());
+            } else {
+                b"250 2.0.0 ok\r\n"
+            };
+            s.write_all(reply).await?;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = tokio::time::timeout(IO_TIMEOUT, s.read(&mut chunk)).await??;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+// ---------------------------------------------------------------- clients
+
+/// Accepts any server certificate: the tests inspect what was served instead.
+#[derive(Debug)]
+pub struct AcceptAnyServerCert(pub Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for AcceptAnyServerCert {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A client that accepts any server certificate, optionally presenting a client certificate.
+pub fn inspecting_client(client_cert: Option<&Issued>) -> ClientConfig {
+    let p = provider();
+    let b = ClientConfig::builder_with_provider(p.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert(p)));
+    match client_cert {
+        Some(c) => b
+            .with_client_auth_cert(c.chain.clone(), c.key.clone_key())
+            .unwrap(),
+        None => b.with_no_client_auth(),
+    }
+}
+
+/// A client that verifies the server against `ca`.
+pub fn verifying_client(ca: CertificateDer<'static>) -> ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).unwrap();
+    ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth()
+}
+
+/// TCP connect from a chosen local address (e.g. 127.0.0.2, to tell clients apart).
+pub async fn connect_from(local_ip: &str, to: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket
+        .bind(format!("{local_ip}:0").parse().unwrap())
+        .unwrap();
+    tokio::time::timeout(IO_TIMEOUT, socket.connect(to))
+        .await
+        .expect("connect timeout")
+        .expect("connect")
+}
+
+/// TLS over `tcp` with `sni` (None: no SNI extension at all).
+pub async fn tls_handshake(
+    tcp: TcpStream,
+    mut config: ClientConfig,
+    sni: Option<&str>,
+) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
+    let name = match sni {
+        Some(s) => ServerName::try_from(s.to_owned()).unwrap(),
+        None => {
+            config.enable_sni = false;
+            ServerName::try_from("no-sni.invalid").unwrap()
+        }
+    };
+    let connector = TlsConnector::from(Arc::new(config));
+    tokio::time::timeout(IO_TIMEOUT, connector.connect(name, tcp))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "handshake timeout"))?
+}
+
+/// DNS names (SANs) of the certificate the server presented.
+pub fn served_names(tls: &tokio_rustls::client::TlsStream<TcpStream>) -> Vec<String> {
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+    let (_, conn) = tls.get_ref();
+    let leaf = &conn.peer_certificates().unwrap()[0];
+    let (_, x) = X509Certificate::from_der(leaf.as_ref()).unwrap();
+    let mut out = Vec::new();
+    for n in &x
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names
+    {
+        if let GeneralName::DNSName(d) = n {
+            out.push(d.to_string());
+        }
+    }
+    out
+}
+
+/// Whether the served certificate has an RSA key.
+pub fn served_rsa(tls: &tokio_rustls::client::TlsStream<TcpStream>) -> bool {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, conn) = tls.get_ref();
+    let leaf = &conn.peer_certificates().unwrap()[0];
+    let (_, x) = X509Certificate::from_der(leaf.as_ref()).unwrap();
+    matches!(
+        x.public_key().parsed(),
+        Ok(x509_parser::public_key::PublicKey::RSA(_))
+    )
+}
+
+/// A line-oriented SMTP client over any stream.
+pub struct Smtp<S> {
+    pub stream: S,
+    buf: Vec<u8>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Smtp<S> {
+    pub fn new(stream: S) -> Self {
+        Smtp {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Reads one complete (multi-line) reply; errors on timeout or close.
+    pub async fn reply(&mut self) -> std::io::Result<String> {
+        loop {
+            if let Some(end) = reply_end(&self.buf) {
+                let text = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+                self.buf.drain(..end);
+                return Ok(text);
+            }
+            let mut chunk = [0u8; 4096];
+            let n = tokio::time::timeout(IO_TIMEOUT, self.stream.read(&mut chunk))
+                .await
+                .map_err(|_| {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, "reply timeout")
+                })??;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("closed; pending {:?}", String::from_utf8_lossy(&self.buf)),
+                ));
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    pub async fn send(&mut self, raw: &[u8]) {
+        self.stream.write_all(raw).await.unwrap();
+        self.stream.flush().await.unwrap();
+    }
+
+    /// Sends `line` + CRLF and returns the reply.
+    pub async fn cmd(&mut self, line: &str) -> String {
+        self.send(format!("{line}\r\n").as_bytes()).await;
+        self.reply().await.unwrap()
+    }
+
+    /// A whole mail transaction; returns the reply to the end of data.
+    pub async fn send_mail(&mut self, from: &str, to: &str, body: &str) -> String {
+        assert!(
+            self.cmd(&format!("MAIL FROM:<{from}>"))
+                .await
+                .starts_with("250")
+        );
+        assert!(
+            self.cmd(&format!("RCPT TO:<{to}>"))
+                .await
+                .starts_with("250")
+        );
+        assert!(self.cmd("DATA").await.starts_with("354"));
+        self.send(body.as_bytes()).await;
+        self.send(b"\r\n.\r\n").await;
+        self.reply().await.unwrap()
+    }
+
+    /// Bytes left unread after the last reply (should normally be empty).
+    pub fn pending(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+fn reply_end(buf: &[u8]) -> Option<usize> {
+    let mut start = 0;
+    while let Some(nl) = buf[start..].iter().position(|&b| b == b'\n') {
+        let line = &buf[start..start + nl];
+        start += nl + 1;
+        if line.len() < 4 || line[3] == b' ' || line[3] == b'\r' {
+            return Some(start);
+        }
+    }
+    None
+}
+
+/// Parses the PROXY v2 header the fake MTA recorded.
+pub fn parse_v2(header: &[u8]) -> ppp::v2::Header<'_> {
+    ppp::v2::Header::try_from(header).expect("a PROXY v2 header")
+}
+
+/// TLVs of a v2 header as (type, value).
+pub fn tlvs(header: &ppp::v2::Header<'_>) -> Vec<(u8, Vec<u8>)> {
+    header
+        .tlvs()
+        .map(|t| {
+            let t = t.unwrap();
+            (t.kind, t.value.to_vec())
+        })
+        .collect()
+}
+
+/// Sub-TLVs of a PP2_TYPE_SSL value (after client u8 + verify u32).
+pub fn ssl_sub_tlvs(ssl: &[u8]) -> Vec<(u8, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut rest = &ssl[5..];
+    while rest.len() >= 3 {
+        let len = u16::from_be_bytes([rest[1], rest[2]]) as usize;
+        out.push((rest[0], rest[3..3 + len].to_vec()));
+        rest = &rest[3 + len..];
+    }
+    out
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,183 @@
+//! End-to-end through a real Postfix (private instance, `smtpd_upstream_proxy_protocol =
+//! haproxy`, delivery into a Maildir): the proof that mail flows and Postfix sees the real
+//! client address.
+
+mod common;
+
+use std::time::Duration;
+
+use common::postfix::{Postfix, PostfixOptions};
+use common::*;
+
+const PF_WAIT: Duration = Duration::from_secs(20);
+
+fn implicit_yaml(pf: &Postfix, cert: &Issued, extra_listener: &str) -> String {
+    format!(
+        r#"
+log: {{ format: json }}
+upstreams:
+  mta: {{ address: "{}", connect_timeout: 3s }}
+certificates:
+  - cert: {}
+    key: {}
+listeners:
+  submissions:
+    listen: "127.0.0.1:0"
+    mode: implicit
+    hostname: mx.example.test
+    upstream: mta
+{extra_listener}
+"#,
+        pf.proxy_addr(),
+        cert.cert_path.display(),
+        cert.key_path.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postfix_receives_an_implicit_tls_session_with_the_real_client_address() {
+    let pki = TestPki::new();
+    let mx = pki.server_cert("mx", &["mx.example.test"], false);
+    let pf = Postfix::start(PostfixOptions::default());
+    let proxy = spawn_proxy(&implicit_yaml(&pf, &mx, ""));
+
+    let tcp = connect_from("127.0.0.2", proxy.addr("submissions")).await;
+    let client = tcp.local_addr().unwrap();
+    let tls = tls_handshake(
+        tcp,
+        verifying_client(pki.server_ca_der()),
+        Some("mx.example.test"),
+    )
+    .await
+    .expect("the chain verifies against the test CA");
+    let mut smtp = Smtp::new(tls);
+    let greeting = smtp.reply().await.unwrap();
+    assert!(greeting.starts_with("220 mx.example.test"), "{greeting}");
+    assert!(smtp.cmd("EHLO client.test").await.starts_with("250"));
+    let done = smtp
+        .send_mail(
+            "sender@client.test",
+            "user@example.test",
+            "Subject: via 465\r\n\r\nhello through the proxy",
+        )
+        .await;
+    assert!(done.starts_with("250"), "{done}");
+    assert!(smtp.cmd("QUIT").await.starts_with("221"));
+
+    let msg = pf.wait_for_message("hello through the proxy", PF_WAIT);
+    assert!(
+        msg.contains("(unknown [127.0.0.2])"),
+        "Received header: {msg}"
+    );
+    pf.wait_for_log("client=unknown[127.0.0.2]", PF_WAIT);
+    assert!(
+        !pf.log().contains("connect from unknown[127.0.0.1]"),
+        "Postfix saw the proxy's address:\n{}",
+        pf.log()
+    );
+    let line = proxy.session_line(client).await;
+    assert_eq!(line["outcome"], "relayed");
+    assert_eq!(line["transport"], "implicit");
+    assert_eq!(line["tls_version"], "TLSv1.3");
+    assert!(line["bytes_from_client"].as_u64().unwrap() > 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postfix_accepts_the_maximal_header_ipv6_long_sni_long_cn() {
+    let pki = TestPki::new();
+    let mx = pki.server_cert("mx", &["mx.example.test"], false);
+    let cn = "c".repeat(200);
+    let client_cert = pki.client_cert("client", &cn);
+    let pf = Postfix::start(PostfixOptions::default());
+    let extra = format!(
+        r#"  v6:
+    listen: "[::1]:0"
+    mode: implicit
+    hostname: mx.example.test
+    upstream: mta
+    client_cert: request
+    client_ca: {}
+"#,
+        pki.client_ca_pem().display()
+    );
+    let proxy = spawn_proxy(&implicit_yaml(&pf, &mx, &extra));
+    let sni = format!(
+        "{}.{}.{}.{}",
+        "a".repeat(63),
+        "b".repeat(63),
+        "c".repeat(63),
+        "d".repeat(61)
+    );
+    assert_eq!(sni.len(), 253);
+
+    let tcp = tokio::net::TcpStream::connect(proxy.addr("v6"))
+        .await
+        .unwrap();
+    let client = tcp.local_addr().unwrap();
+    let tls = tls_handshake(tcp, inspecting_client(Some(&client_cert)), Some(&sni))
+        .await
+        .unwrap();
+    let mut smtp = Smtp::new(tls);
+    assert!(smtp.reply().await.unwrap().starts_with("220"));
+    assert!(smtp.cmd("EHLO client.test").await.starts_with("250"));
+    let done = smtp
+        .send_mail(
+            "a@client.test",
+            "user@example.test",
+            "Subject: max\r\n\r\nmaximal header",
+        )
+        .await;
+    assert!(done.starts_with("250"), "{done}");
+    smtp.cmd("QUIT").await;
+    pf.wait_for_message("maximal header", PF_WAIT);
+    pf.wait_for_log("client=unknown[::1]", PF_WAIT);
+    let line = proxy.session_line(client).await;
+    assert_eq!(line["sni"], sni.as_str());
+    assert_eq!(line["fallback"], true);
+    assert_eq!(line["client_cert_verify"], "ok");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_down_gives_421_and_mail_flows_again_when_it_is_back() {
+    let pki = TestPki::new();
+    let mx = pki.server_cert("mx", &["mx.example.test"], false);
+    let pf = Postfix::start(PostfixOptions::default());
+    let proxy = spawn_proxy(&implicit_yaml(&pf, &mx, ""));
+
+    pf.stop_for_outage();
+    let tcp = connect_from("127.0.0.2", proxy.addr("submissions")).await;
+    let client = tcp.local_addr().unwrap();
+    let tls = tls_handshake(tcp, inspecting_client(None), Some("mx.example.test"))
+        .await
+        .unwrap();
+    let mut smtp = Smtp::new(tls);
+    let reply = smtp.reply().await.unwrap();
+    assert!(
+        reply.starts_with("421 4.3.0"),
+        "a temporary failure: {reply}"
+    );
+    let line = proxy.session_line(client).await;
+    assert_eq!(line["outcome"], "upstream_failed");
+    assert!(
+        line["reason"].as_str().unwrap().contains("connect"),
+        "{line}"
+    );
+
+    pf.restart_after_outage();
+    let tcp = connect_from("127.0.0.2", proxy.addr("submissions")).await;
+    let tls = tls_handshake(tcp, inspecting_client(None), Some("mx.example.test"))
+        .await
+        .unwrap();
+    let mut smtp = Smtp::new(tls);
+    assert!(smtp.reply().await.unwrap().starts_with("220"));
+    assert!(smtp.cmd("EHLO client.test").await.starts_with("250"));
+    let done = smtp
+        .send_mail(
+            "a@client.test",
+            "user@example.test",
+            "Subject: back\r\n\r\nafter the outage",
+        )
+        .await;
+    assert!(done.starts_with("250"), "{done}");
+    pf.wait_for_message("after the outage", PF_WAIT);
+}
