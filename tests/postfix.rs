@@ -2,6 +2,9 @@
 //! haproxy`, delivery into a Maildir): the proof that mail flows and Postfix sees the real
 //! client address.
 
+// Test helpers outside #[test] fns may unwrap too: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;

@@ -75,10 +75,11 @@ fn from_figment(path: &Path, err: figment::Error) -> ConfigError {
         Some(md) => match &md.source {
             Some(figment::Source::File(p)) => p.display().to_string(),
             // Env values: name the variable the operator has to fix.
-            _ => match err.profile.as_ref() {
-                Some(profile) if !err.path.is_empty() => md.interpolate(profile, &err.path),
-                _ => md.name.to_string(),
-            },
+            _ if md.name.contains("environment") && !err.path.is_empty() => format!(
+                "environment variable {ENV_PREFIX}{}",
+                err.path.join("__").to_uppercase()
+            ),
+            _ => md.name.to_string(),
         },
         None => path.display().to_string(),
     };

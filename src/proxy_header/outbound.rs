@@ -174,14 +174,12 @@ fn ssl_value(t: &TlsHeaderFacts<'_>) -> Vec<u8> {
     v.push(client);
     v.extend_from_slice(&verify.to_be_bytes());
     tlv(&mut v, PP2_SUBTYPE_SSL_VERSION, t.version.as_bytes());
-    if let Some(cc) = &t.client_cert {
-        if let Some(cn) = cc.cn {
-            tlv(
-                &mut v,
-                PP2_SUBTYPE_SSL_CN,
-                truncate_utf8(cn, MAX_CN_LEN).as_bytes(),
-            );
-        }
+    if let Some(cn) = t.client_cert.as_ref().and_then(|cc| cc.cn) {
+        tlv(
+            &mut v,
+            PP2_SUBTYPE_SSL_CN,
+            truncate_utf8(cn, MAX_CN_LEN).as_bytes(),
+        );
     }
     tlv(&mut v, PP2_SUBTYPE_SSL_CIPHER, t.cipher.as_bytes());
     tlv(&mut v, PP2_SUBTYPE_SSL_SIG_ALG, t.sig_alg.as_bytes());

@@ -2,6 +2,7 @@
 //! (ready when it has logged every bound listener), a recording fake MTA for unit-level
 //! checks, rustls and SMTP line clients with timeouts, and a private Postfix (`postfix`).
 #![allow(dead_code)]
+#![allow(clippy::unwrap_used)]
 
 pub mod postfix;
 
@@ -322,7 +323,16 @@ impl FakeMta {
         Self::start_with_greeting("220 fake.mta ESMTP\r\n").await
     }
 
+    /// For `proxy_protocol: none`: greets at once, expects no header.
+    pub async fn start_without_header() -> FakeMta {
+        Self::start_inner("220 fake.mta ESMTP\r\n", false).await
+    }
+
     pub async fn start_with_greeting(greeting: &'static str) -> FakeMta {
+        Self::start_inner(greeting, true).await
+    }
+
+    async fn start_inner(greeting: &'static str, expect_header: bool) -> FakeMta {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let conns: Arc<Mutex<Vec<MtaConn>>> = Arc::default();
@@ -339,7 +349,7 @@ impl FakeMta {
                 };
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    let _ = fake_mta_conn(stream, greeting, &shared, index).await;
+                    let _ = fake_mta_conn(stream, greeting, expect_header, &shared, index).await;
                     shared.lock().unwrap()[index].closed = true;
                 });
             }
@@ -355,10 +365,12 @@ impl FakeMta {
     pub async fn wait_line(&self, index: usize, pred: impl Fn(&str) -> bool) -> MtaConn {
         let deadline = Instant::now() + IO_TIMEOUT;
         loop {
-            if let Some(c) = self.conns().get(index) {
-                if c.lines.iter().any(|l| pred(l)) {
-                    return c.clone();
-                }
+            if let Some(c) = self
+                .conns()
+                .get(index)
+                .filter(|c| c.lines.iter().any(|l| pred(l)))
+            {
+                return c.clone();
             }
             assert!(
                 Instant::now() < deadline,
@@ -379,34 +391,37 @@ impl Drop for FakeMta {
 async fn fake_mta_conn(
     mut s: TcpStream,
     greeting: &str,
+    expect_header: bool,
     shared: &Mutex<Vec<MtaConn>>,
     index: usize,
 ) -> std::io::Result<()> {
     let mut buf = Vec::new();
     // PROXY header: read until ppp says complete (or it is not one).
-    loop {
-        match ppp::HeaderResult::parse(&buf) {
-            r if ppp::PartialResult::is_incomplete(&r) => {}
-            ppp::HeaderResult::V1(Ok(h)) => {
-                let n = h.header.len();
-                shared.lock().unwrap()[index].header = buf[..n].to_vec();
-                buf.drain(..n);
-                break;
+    if expect_header {
+        loop {
+            match ppp::HeaderResult::parse(&buf) {
+                r if ppp::PartialResult::is_incomplete(&r) => {}
+                ppp::HeaderResult::V1(Ok(h)) => {
+                    let n = h.header.len();
+                    shared.lock().unwrap()[index].header = buf[..n].to_vec();
+                    buf.drain(..n);
+                    break;
+                }
+                ppp::HeaderResult::V2(Ok(h)) => {
+                    let n = h.len();
+                    shared.lock().unwrap()[index].header = buf[..n].to_vec();
+                    buf.drain(..n);
+                    break;
+                }
+                _ => break,
             }
-            ppp::HeaderResult::V2(Ok(h)) => {
-                let n = h.len();
-                shared.lock().unwrap()[index].header = buf[..n].to_vec();
-                buf.drain(..n);
-                break;
+            let mut chunk = [0u8; 1024];
+            let n = tokio::time::timeout(IO_TIMEOUT, s.read(&mut chunk)).await??;
+            if n == 0 {
+                return Ok(());
             }
-            _ => break,
+            buf.extend_from_slice(&chunk[..n]);
         }
-        let mut chunk = [0u8; 1024];
-        let n = tokio::time::timeout(IO_TIMEOUT, s.read(&mut chunk)).await??;
-        if n == 0 {
-            return Ok(());
-        }
-        buf.extend_from_slice(&chunk[..n]);
     }
     s.write_all(greeting.as_bytes()).await?;
     if !greeting.starts_with('2') {
@@ -451,8 +466,9 @@ async fn fake_mta_conn(
 // ---------------------------------------------------------------- clients
 
 /// Accepts any server certificate: the tests inspect what was served instead.
+/// `rsa_only` makes the client offer only RSA signature schemes (an old sender).
 #[derive(Debug)]
-pub struct AcceptAnyServerCert(pub Arc<rustls::crypto::CryptoProvider>);
+pub struct AcceptAnyServerCert(pub Arc<rustls::crypto::CryptoProvider>, pub bool);
 
 impl ServerCertVerifier for AcceptAnyServerCert {
     fn verify_server_cert(
@@ -482,8 +498,66 @@ impl ServerCertVerifier for AcceptAnyServerCert {
         rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
     }
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        let all = self.0.signature_verification_algorithms.supported_schemes();
+        if self.1 {
+            all.into_iter()
+                .filter(|s| format!("{s:?}").starts_with("RSA"))
+                .collect()
+        } else {
+            all
+        }
     }
+}
+
+/// Presents `cert` when asked and records whether the server asked (a CertificateRequest).
+#[derive(Debug)]
+pub struct RecordingClientCert {
+    pub key: Arc<rustls::sign::CertifiedKey>,
+    pub asked: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl rustls::client::ResolvesClientCert for RecordingClientCert {
+    fn resolve(
+        &self,
+        _hints: &[&[u8]],
+        _schemes: &[SignatureScheme],
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        self.asked.store(true, std::sync::atomic::Ordering::SeqCst);
+        Some(self.key.clone())
+    }
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// A Gmail-like client: presents `cert` whenever a CertificateRequest arrives; the flag
+/// tells whether one did.
+pub fn recording_client(cert: &Issued) -> (ClientConfig, Arc<std::sync::atomic::AtomicBool>) {
+    let p = provider();
+    let key =
+        rustls::sign::CertifiedKey::from_der(cert.chain.clone(), cert.key.clone_key(), &p).unwrap();
+    let asked = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let config = ClientConfig::builder_with_provider(p.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert(p, false)))
+        .with_client_cert_resolver(Arc::new(RecordingClientCert {
+            key: Arc::new(key),
+            asked: asked.clone(),
+        }));
+    (config, asked)
+}
+
+/// An old sender that can only verify RSA signatures.
+pub fn rsa_only_client() -> ClientConfig {
+    let p = provider();
+    ClientConfig::builder_with_provider(p.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert(p, true)))
+        .with_no_client_auth()
 }
 
 /// A client that accepts any server certificate, optionally presenting a client certificate.
@@ -493,7 +567,7 @@ pub fn inspecting_client(client_cert: Option<&Issued>) -> ClientConfig {
         .with_safe_default_protocol_versions()
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert(p)));
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert(p, false)));
     match client_cert {
         Some(c) => b
             .with_client_auth_cert(c.chain.clone(), c.key.clone_key())
@@ -692,4 +766,44 @@ pub fn ssl_sub_tlvs(ssl: &[u8]) -> Vec<(u8, Vec<u8>)> {
 
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A proxy config with one fake-MTA upstream, the given certificate entries and listeners.
+pub fn yaml(
+    upstream: SocketAddr,
+    upstream_extra: &str,
+    certificates: &str,
+    listeners: &str,
+) -> String {
+    format!(
+        "log: {{ format: json }}\nupstreams:\n  mta:\n    address: \"{upstream}\"\n    connect_timeout: 2s\n{upstream_extra}\ncertificates:\n{certificates}\nlisteners:\n{listeners}\n"
+    )
+}
+
+/// A `certificates:` entry for issued files.
+pub fn cert_entry(c: &Issued) -> String {
+    format!(
+        "  - cert: {}\n    key: {}\n",
+        c.cert_path.display(),
+        c.key_path.display()
+    )
+}
+
+/// An implicit listener on 127.0.0.1:0 named `name` with extra indented keys.
+pub fn implicit_listener(name: &str, hostname: &str, extra: &str) -> String {
+    format!(
+        "  {name}:\n    listen: \"127.0.0.1:0\"\n    mode: implicit\n    hostname: {hostname}\n    upstream: mta\n{extra}"
+    )
+}
+
+/// Handshake + greeting + EHLO + one message + QUIT through an implicit listener.
+pub async fn deliver<S: AsyncRead + AsyncWrite + Unpin>(smtp: &mut Smtp<S>, body: &str) {
+    let greeting = smtp.reply().await.unwrap();
+    assert!(greeting.starts_with("220"), "{greeting}");
+    assert!(smtp.cmd("EHLO client.test").await.starts_with("250"));
+    let r = smtp
+        .send_mail("a@client.test", "b@example.test", body)
+        .await;
+    assert!(r.starts_with("250"), "{r}");
+    assert!(smtp.cmd("QUIT").await.starts_with("221"));
 }

@@ -1,0 +1,139 @@
+//! `smtp-tls-proxy check` as a binary: exit codes and `file: key.path: reason` messages.
+
+// Test helpers outside #[test] fns may unwrap too: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+fn check(config: &Path, env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(binary());
+    cmd.arg("check").arg("--config").arg(config);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn the_shipped_proxy_yaml_is_valid() {
+    let (code, out, err) = check(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("proxy.yaml")
+            .as_path(),
+        &[],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("listener submissions: 127.0.0.1:4650 implicit TLS"),
+        "{out}"
+    );
+    assert!(
+        out.contains("certificate 0: self-signed: names localhost"),
+        "{out}"
+    );
+}
+
+#[test]
+fn valid_fixtures_pass_and_print_names_and_expiry() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/config/valid");
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let (code, out, err) = check(&path, &[]);
+        assert_eq!(code, 0, "{}: {err}", path.display());
+        assert!(out.contains("expires"), "{out}");
+    }
+}
+
+#[test]
+fn each_invalid_fixture_exits_2_with_its_message() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/config/invalid");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "yaml") {
+            continue;
+        }
+        let expected = std::fs::read_to_string(path.with_extension("expected"))
+            .unwrap()
+            .trim_end_matches('\n')
+            .replace("{file}", &path.display().to_string());
+        let (code, _, err) = check(&path, &[]);
+        assert_eq!(code, 2, "{}: {err}", path.display());
+        assert!(
+            err.starts_with(&expected),
+            "{}:\n want prefix {expected}\n got {err}",
+            path.display()
+        );
+        seen += 1;
+    }
+    assert!(seen >= 8, "fixtures found: {seen}");
+}
+
+#[test]
+fn a_key_that_does_not_match_its_certificate_is_named() {
+    let pki = TestPki::new();
+    let a = pki.server_cert("a", &["localhost"], false);
+    let b = pki.server_cert("b", &["localhost"], false);
+    let config = pki.path("proxy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "upstreams:\n  mta: {{ address: \"127.0.0.1:10025\" }}\ncertificates:\n  - cert: {}\n    key: {}\nlisteners:\n  smtps: {{ listen: \"127.0.0.1:4650\", mode: implicit, hostname: localhost, upstream: mta }}\n",
+            a.cert_path.display(),
+            b.key_path.display()
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = check(&config, &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.starts_with(&format!(
+            "{}: certificates.0.key: the key in",
+            config.display()
+        )),
+        "{err}"
+    );
+    assert!(err.contains("does not match the certificate"), "{err}");
+}
+
+#[test]
+fn a_missing_config_file_is_named() {
+    let (code, _, err) = check(Path::new("/nonexistent/proxy.yaml"), &[]);
+    assert_eq!(code, 2);
+    assert!(
+        err.starts_with("/nonexistent/proxy.yaml: cannot read"),
+        "{err}"
+    );
+}
+
+#[test]
+fn environment_overrides_nested_keys_and_bad_values_name_the_variable() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.yaml");
+    let (code, out, err) = check(
+        &shipped,
+        &[("SMTP_TLS_PROXY_UPSTREAMS__MTA__ADDRESS", "10.0.0.5:10025")],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("upstream mta: 10.0.0.5:10025"), "{out}");
+
+    let (code, _, err) = check(
+        &shipped,
+        &[("SMTP_TLS_PROXY_UPSTREAMS__MTA__CONNECT_TIMEOUT", "soon")],
+    );
+    assert_eq!(code, 2);
+    assert!(err.contains("upstreams.mta.connect_timeout"), "{err}");
+    assert!(
+        err.contains("SMTP_TLS_PROXY_UPSTREAMS__MTA__CONNECT_TIMEOUT"),
+        "{err}"
+    );
+}
