@@ -184,3 +184,28 @@ async fn upstream_down_gives_421_and_mail_flows_again_when_it_is_back() {
     assert!(done.starts_with("250"), "{done}");
     pf.wait_for_message("after the outage", PF_WAIT);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swaks_over_implicit_tls_delivers_through_the_proxy() {
+    let pki = TestPki::new();
+    let mx = pki.server_cert("mx", &["mx.example.test"], false);
+    let pf = Postfix::start(PostfixOptions::default());
+    let proxy = spawn_proxy(&implicit_yaml(&pf, &mx, ""));
+    let addr = proxy.addr("submissions");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("swaks")
+            .args(["--server", &addr.ip().to_string(), "--port", &addr.port().to_string()])
+            .args(["--tls-on-connect", "--tls-sni", "mx.example.test"])
+            .args(["--from", "sender@client.test", "--to", "user@example.test"])
+            .args(["--ehlo", "client.test", "--body", "sent by swaks through the proxy"])
+            .args(["--timeout", "20"])
+            .output()
+            .expect("swaks is installed (.ci/run installs it)")
+    })
+    .await
+    .unwrap();
+    let transcript = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "swaks failed:\n{transcript}");
+    assert!(transcript.contains("TLS started"), "{transcript}");
+    pf.wait_for_message("sent by swaks through the proxy", PF_WAIT);
+}
