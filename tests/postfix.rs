@@ -194,10 +194,20 @@ async fn swaks_over_implicit_tls_delivers_through_the_proxy() {
     let addr = proxy.addr("submissions");
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new("swaks")
-            .args(["--server", &addr.ip().to_string(), "--port", &addr.port().to_string()])
+            .args([
+                "--server",
+                &addr.ip().to_string(),
+                "--port",
+                &addr.port().to_string(),
+            ])
             .args(["--tls-on-connect", "--tls-sni", "mx.example.test"])
             .args(["--from", "sender@client.test", "--to", "user@example.test"])
-            .args(["--ehlo", "client.test", "--body", "sent by swaks through the proxy"])
+            .args([
+                "--ehlo",
+                "client.test",
+                "--body",
+                "sent by swaks through the proxy",
+            ])
             .args(["--timeout", "20"])
             .output()
             .expect("swaks is installed (.ci/run installs it)")

@@ -1,4 +1,8 @@
 //! Pure SMTP: bytes and lines in, decisions out. No sockets here except the small
-//! `read_reply` helper, which only reads.
+//! `reply::read_reply` helper, which only reads.
 
+pub mod dialogue;
+pub mod ehlo;
+pub mod line;
 pub mod reply;
+pub mod stream;

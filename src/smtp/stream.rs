@@ -1,0 +1,252 @@
+//! Following the SMTP stream after the upgrade (sans-IO), just enough to answer STARTTLS
+//! ourselves (`554 5.5.1`, never relayed) and to strip STARTTLS from every EHLO reply.
+//! Commands vs content: DATA content runs to the strict `CRLF.CRLF` (bare LF never ends
+//! it: SMTP smuggling) and is passed byte for byte; BDAT content is counted. Each command
+//! the upstream answers queues an `Expect`; replies are matched in order (RFC 2920).
+
+use std::collections::VecDeque;
+
+use super::ehlo::strip_starttls;
+use super::reply::{ReplyError, parse_reply};
+
+/// A command line longer than this is forwarded as it streams, without interpretation.
+pub const MAX_TRACKED_LINE: usize = 1024;
+
+const END_OF_DATA: &[u8; 5] = b"\r\n.\r\n";
+
+/// What the client is owed next, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expect {
+    /// A reply from the upstream to a forwarded command.
+    Upstream(ReplyKind),
+    /// A reply of ours (to STARTTLS), sent once every earlier reply has been sent.
+    Local(Vec<u8>),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyKind {
+    Ehlo,
+    Data,
+    Other,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Command,
+    /// DATA was sent: no client byte is interpreted until its reply (354 or an error).
+    AwaitDataReply,
+    /// Matched this many bytes of `END_OF_DATA`.
+    Data(usize),
+    /// This many BDAT content bytes still to pass.
+    Bdat(u64),
+}
+
+/// Both directions' parse state of one session.
+#[derive(Debug)]
+pub struct SmtpStream {
+    state: State,
+    line: Vec<u8>,
+    long_line: bool,
+    replies: Vec<u8>,
+    pub expects: VecDeque<Expect>,
+    /// STARTTLS commands answered locally.
+    pub starttls_refused: u64,
+}
+
+impl Default for SmtpStream {
+    fn default() -> Self {
+        SmtpStream {
+            state: State::Command,
+            line: Vec::new(),
+            long_line: false,
+            replies: Vec::new(),
+            expects: VecDeque::new(),
+            starttls_refused: 0,
+        }
+    }
+}
+
+impl SmtpStream {
+    /// Whether client input may be processed now (false while a DATA reply is awaited).
+    pub fn wants_client_input(&self) -> bool {
+        self.state != State::AwaitDataReply
+    }
+
+    /// Registers a command forwarded outside `client_bytes` (the first post-TLS command).
+    pub fn forwarded_command(&mut self, line: &[u8]) -> bool {
+        let mut sink = Vec::new();
+        self.command_line(line, &mut sink)
+    }
+
+    /// Processes client bytes: what to forward goes to `to_upstream`, replies of ours to
+    /// `to_client`. Returns how many bytes were consumed (fewer when a DATA reply must come
+    /// first; the caller keeps the rest).
+    pub fn client_bytes(
+        &mut self,
+        input: &[u8],
+        to_upstream: &mut Vec<u8>,
+        to_client: &mut Vec<u8>,
+    ) -> usize {
+        let mut i = 0;
+        while i < input.len() {
+            match self.state {
+                State::AwaitDataReply => break,
+                State::Bdat(left) => {
+                    let n = (left.min((input.len() - i) as u64)) as usize;
+                    to_upstream.extend_from_slice(&input[i..i + n]);
+                    i += n;
+                    let left = left - n as u64;
+                    self.state = if left == 0 {
+                        State::Command
+                    } else {
+                        State::Bdat(left)
+                    };
+                }
+                State::Data(mut matched) => {
+                    let start = i;
+                    while i < input.len() {
+                        let b = input[i];
+                        i += 1;
+                        if b == END_OF_DATA[matched] {
+                            matched += 1;
+                        } else {
+                            matched = usize::from(b == b'\r');
+                        }
+                        if matched == END_OF_DATA.len() {
+                            break;
+                        }
+                    }
+                    to_upstream.extend_from_slice(&input[start..i]);
+                    if matched == END_OF_DATA.len() {
+                        self.expects.push_back(Expect::Upstream(ReplyKind::Other));
+                        self.state = State::Command;
+                    } else {
+                        self.state = State::Data(matched);
+                    }
+                }
+                State::Command => {
+                    let rest = &input[i..];
+                    match rest.iter().position(|&b| b == b'\n') {
+                        Some(lf) => {
+                            let part = &rest[..=lf];
+                            i += lf + 1;
+                            if self.long_line {
+                                to_upstream.extend_from_slice(part);
+                                self.long_line = false;
+                                self.expects.push_back(Expect::Upstream(ReplyKind::Other));
+                                continue;
+                            }
+                            self.line.extend_from_slice(part);
+                            let line = std::mem::take(&mut self.line);
+                            if self.command_line(&line, to_upstream) {
+                                to_upstream.extend_from_slice(&line);
+                            }
+                        }
+                        None => {
+                            i = input.len();
+                            if self.long_line {
+                                to_upstream.extend_from_slice(rest);
+                            } else if self.line.len() + rest.len() > MAX_TRACKED_LINE {
+                                to_upstream.extend_from_slice(&self.line);
+                                to_upstream.extend_from_slice(rest);
+                                self.line.clear();
+                                self.long_line = true;
+                            } else {
+                                self.line.extend_from_slice(rest);
+                            }
+                        }
+                    }
+                }
+            }
+            self.flush_locals(to_client);
+        }
+        self.flush_locals(to_client);
+        i
+    }
+
+    /// Classifies one complete command line; returns whether to forward it.
+    fn command_line(&mut self, line: &[u8], _to_upstream: &mut Vec<u8>) -> bool {
+        let text = line.trim_ascii();
+        let (verb, arg) = match text.iter().position(|&b| b == b' ') {
+            Some(sp) => (&text[..sp], text[sp + 1..].trim_ascii()),
+            None => (text, &b""[..]),
+        };
+        let verb = verb.to_ascii_uppercase();
+        match verb.as_slice() {
+            b"STARTTLS" => {
+                self.starttls_refused += 1;
+                self.expects.push_back(Expect::Local(
+                    b"554 5.5.1 Error: TLS already active\r\n".to_vec(),
+                ));
+                return false;
+            }
+            b"EHLO" | b"HELO" => self.expects.push_back(Expect::Upstream(ReplyKind::Ehlo)),
+            b"DATA" => {
+                self.expects.push_back(Expect::Upstream(ReplyKind::Data));
+                self.state = State::AwaitDataReply;
+            }
+            b"BDAT" => {
+                self.expects.push_back(Expect::Upstream(ReplyKind::Other));
+                let size = arg
+                    .split(|&b| b == b' ')
+                    .next()
+                    .and_then(|s| std::str::from_utf8(s).ok())
+                    .and_then(|s| s.parse::<u64>().ok());
+                if let Some(size) = size.filter(|&s| s > 0) {
+                    self.state = State::Bdat(size);
+                }
+            }
+            _ => self.expects.push_back(Expect::Upstream(ReplyKind::Other)),
+        }
+        true
+    }
+
+    /// Processes upstream bytes into `to_client`: whole replies, EHLO replies filtered.
+    pub fn upstream_bytes(
+        &mut self,
+        input: &[u8],
+        to_client: &mut Vec<u8>,
+    ) -> Result<(), ReplyError> {
+        self.replies.extend_from_slice(input);
+        while let Some(span) = parse_reply(&self.replies)? {
+            let reply: Vec<u8> = self.replies.drain(..span.len).collect();
+            match self.expects.pop_front() {
+                Some(Expect::Upstream(ReplyKind::Ehlo)) => {
+                    to_client.extend_from_slice(&strip_starttls(&reply));
+                }
+                Some(Expect::Upstream(ReplyKind::Data)) => {
+                    if self.state == State::AwaitDataReply {
+                        self.state = if span.code == 354 {
+                            State::Data(2)
+                        } else {
+                            State::Command
+                        };
+                    }
+                    to_client.extend_from_slice(&reply);
+                }
+                Some(Expect::Local(ours)) => {
+                    // Cannot be at the front here (flushed eagerly); keep order anyway.
+                    to_client.extend_from_slice(&ours);
+                    to_client.extend_from_slice(&reply);
+                }
+                // Unsolicited (e.g. a 421 on the MTA's own timeout) or a normal reply.
+                Some(Expect::Upstream(ReplyKind::Other)) | None => {
+                    to_client.extend_from_slice(&reply);
+                }
+            }
+            self.flush_locals(to_client);
+        }
+        Ok(())
+    }
+
+    fn flush_locals(&mut self, to_client: &mut Vec<u8>) {
+        while let Some(Expect::Local(_)) = self.expects.front() {
+            if let Some(Expect::Local(ours)) = self.expects.pop_front() {
+                to_client.extend_from_slice(&ours);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
