@@ -1,22 +1,26 @@
-//! Byte relay between the client and the upstream: both directions in one task with
-//! half-close (EOF on one side shuts down the write half of the other, the opposite
-//! direction keeps flowing), an idle timeout when no
-//! byte moves either way, and byte counts that survive a timeout.
+//! The relay after the hand-off: both directions in one task, following the SMTP stream
+//! (`smtp::stream`) so STARTTLS is answered locally and stripped from EHLO replies.
+//! Half-close: client EOF shuts the upstream's write side and the upstream's last replies
+//! still reach the client; upstream EOF shuts the client's write side and gives the client
+//! `UPSTREAM_CLOSED_LINGER` to close too. An idle timeout ends it when no byte moves.
+//! While a DATA reply is awaited no client byte is read (backpressure, bounded memory).
 
 use std::io;
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
-/// Per-direction copy buffer. 8 KiB matches rustls' plaintext chunking and keeps the
-/// buffers small; they exist only while a session is in the relay phase.
+use crate::smtp::stream::SmtpStream;
+
+/// Per-direction read buffer, allocated only while the session is in the relay.
 pub const RELAY_BUFFER: usize = 8 * 1024;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// After the upstream has closed (e.g. after its 221), how long the client may take to
+/// close its side before the session ends anyway.
+pub const UPSTREAM_CLOSED_LINGER: Duration = Duration::from_secs(2);
+
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RelayReport {
     pub bytes_from_client: u64,
     pub bytes_from_upstream: u64,
@@ -24,7 +28,7 @@ pub struct RelayReport {
 }
 
 /// How the relay ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub enum RelayEnd {
     /// Both sides closed (a client leaving without TLS close_notify counts as closed).
     #[default]
@@ -32,150 +36,115 @@ pub enum RelayEnd {
     IdleTimeout,
     /// A socket error (reset, broken pipe) ended it.
     Reset,
+    /// The upstream sent something that is not an SMTP reply (or an endless one).
+    UpstreamProtocol(String),
 }
 
-/// Activity clock: milliseconds since `start` of the last byte read on either side.
-struct Activity {
-    start: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Activity {
-    fn touch(&self) {
-        let ms = self.start.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    fn last(&self) -> Instant {
-        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
-    }
-}
-
-/// A read half that counts the bytes read from it and notes activity.
-struct Tracked<'a, S> {
-    inner: S,
-    bytes_read: &'a AtomicU64,
-    activity: &'a Activity,
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Tracked<'_, S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        let before = buf.filled().len();
-        let res = Pin::new(&mut this.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            this.bytes_read.fetch_add(n as u64, Ordering::Relaxed);
-            this.activity.touch();
-        }
-        res
-    }
-}
-
-/// After the upstream has closed (e.g. after its 221), how long the client may take to
-/// close its side before the session ends anyway.
-pub const UPSTREAM_CLOSED_LINGER: Duration = Duration::from_secs(2);
-
-/// Relays until both directions are done, an error, or `idle` without a byte either way.
-/// Client EOF: the upstream's write half is shut down and its remaining replies still reach
-/// the client. Upstream EOF: the client's write half is shut down and the client gets
-/// `UPSTREAM_CLOSED_LINGER` to close too.
-pub async fn relay<C, U>(client: &mut C, upstream: &mut U, idle: Duration) -> RelayReport
+/// Relays until both sides are done, an error, or `idle` without a byte either way.
+/// `pending` holds client bytes already read but not yet processed.
+pub async fn relay<C, U>(
+    client: &mut C,
+    upstream: &mut U,
+    idle: Duration,
+    smtp: &mut SmtpStream,
+    pending: Vec<u8>,
+    hostname: &str,
+) -> RelayReport
 where
     C: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let activity = Activity {
-        start: Instant::now(),
-        last_ms: AtomicU64::new(0),
-    };
-    let from_client = AtomicU64::new(0);
-    let from_upstream = AtomicU64::new(0);
-    let end = {
-        let (cr, mut cw) = tokio::io::split(client);
-        let (ur, mut uw) = tokio::io::split(upstream);
-        let mut cr = Tracked {
-            inner: cr,
-            bytes_read: &from_client,
-            activity: &activity,
-        };
-        let mut ur = Tracked {
-            inner: ur,
-            bytes_read: &from_upstream,
-            activity: &activity,
-        };
-        let c2u = async {
-            let r = copy(&mut cr, &mut uw).await;
-            let _ = uw.shutdown().await;
-            r
-        };
-        let u2c = async {
-            let r = copy(&mut ur, &mut cw).await;
-            let _ = cw.shutdown().await;
-            r
-        };
-        let watchdog = async {
-            loop {
-                let deadline = activity.last() + idle;
-                if Instant::now() >= deadline {
-                    return;
-                }
-                tokio::time::sleep_until(deadline).await;
+    let mut report = RelayReport::default();
+    let mut held = pending;
+    let mut cbuf = vec![0u8; RELAY_BUFFER];
+    let mut ubuf = vec![0u8; RELAY_BUFFER];
+    let mut to_upstream = Vec::new();
+    let mut to_client = Vec::new();
+    let mut client_open = true;
+    let mut upstream_shut = false;
+    let mut deadline = Instant::now() + idle;
+    let end = loop {
+        if !held.is_empty() && smtp.wants_client_input() {
+            let n = smtp.client_bytes(&held, &mut to_upstream, &mut to_client);
+            held.drain(..n);
+        }
+        if !to_upstream.is_empty() {
+            if let Err(e) = write(upstream, &to_upstream).await {
+                break from_io(&e);
             }
-        };
-        tokio::pin!(c2u, u2c, watchdog);
+            to_upstream.clear();
+        }
+        if !to_client.is_empty() {
+            if let Err(e) = write(client, &to_client).await {
+                break from_io(&e);
+            }
+            to_client.clear();
+        }
+        if !client_open && held.is_empty() && !upstream_shut {
+            upstream_shut = true;
+            let _ = upstream.shutdown().await;
+        }
+        let read_client = client_open && held.is_empty() && smtp.wants_client_input();
         tokio::select! {
-            () = &mut watchdog => RelayEnd::IdleTimeout,
-            r = &mut c2u => match r {
-                // Half-close: the upstream's last replies still reach the client.
-                Ok(()) => tokio::select! {
-                    () = &mut watchdog => RelayEnd::IdleTimeout,
-                    r = &mut u2c => end_of(r),
-                },
-                Err(e) => end_of(Err(e)),
+            r = client.read(&mut cbuf), if read_client => match r {
+                Ok(0) => client_open = false,
+                Ok(n) => {
+                    report.bytes_from_client += n as u64;
+                    held.extend_from_slice(&cbuf[..n]);
+                    deadline = Instant::now() + idle;
+                }
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => client_open = false,
+                Err(_) => break RelayEnd::Reset,
             },
-            r = &mut u2c => match r {
-                Ok(()) => match tokio::time::timeout(UPSTREAM_CLOSED_LINGER, &mut c2u).await {
-                    Ok(r) => end_of(r),
-                    Err(_) => RelayEnd::Closed,
-                },
-                Err(e) => end_of(Err(e)),
+            r = upstream.read(&mut ubuf) => match r {
+                Ok(0) | Err(_) => {
+                    let _ = client.shutdown().await;
+                    if client_open {
+                        linger(client, &mut cbuf).await;
+                    }
+                    break match r {
+                        Ok(_) => RelayEnd::Closed,
+                        Err(e) => from_io(&e),
+                    };
+                }
+                Ok(n) => {
+                    report.bytes_from_upstream += n as u64;
+                    deadline = Instant::now() + idle;
+                    if let Err(e) = smtp.upstream_bytes(&ubuf[..n], &mut to_client) {
+                        to_client.extend_from_slice(&crate::smtp::reply::upstream_unavailable(hostname));
+                        let _ = write(client, &to_client).await;
+                        break RelayEnd::UpstreamProtocol(e.to_string());
+                    }
+                }
             },
+            () = tokio::time::sleep_until(deadline) => break RelayEnd::IdleTimeout,
         }
     };
-    RelayReport {
-        bytes_from_client: from_client.load(Ordering::Relaxed),
-        bytes_from_upstream: from_upstream.load(Ordering::Relaxed),
-        end,
-    }
+    report.end = end;
+    report
 }
 
-fn end_of(r: io::Result<()>) -> RelayEnd {
-    match r {
-        Ok(()) => RelayEnd::Closed,
-        // A client leaving without TLS close_notify is the common way SMTP sessions end.
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => RelayEnd::Closed,
-        Err(_) => RelayEnd::Reset,
-    }
+async fn write<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
 }
 
-/// Copies until EOF with one `RELAY_BUFFER`, flushing after each write.
-async fn copy<R, W>(r: &mut R, w: &mut W) -> io::Result<()>
-where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
-{
-    let mut buf = vec![0u8; RELAY_BUFFER];
-    loop {
-        let n = r.read(&mut buf).await?;
-        if n == 0 {
-            return Ok(());
+/// Waits (bounded) for the client to close after the upstream did; its bytes go nowhere.
+async fn linger<C: AsyncRead + Unpin>(client: &mut C, buf: &mut [u8]) {
+    let _ = tokio::time::timeout(UPSTREAM_CLOSED_LINGER, async {
+        while let Ok(n) = client.read(buf).await {
+            if n == 0 {
+                break;
+            }
         }
-        w.write_all(&buf[..n]).await?;
-        w.flush().await?;
+    })
+    .await;
+}
+
+fn from_io(e: &io::Error) -> RelayEnd {
+    if e.kind() == io::ErrorKind::UnexpectedEof {
+        RelayEnd::Closed
+    } else {
+        RelayEnd::Reset
     }
 }

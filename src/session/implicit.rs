@@ -5,7 +5,8 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::{Outcome, Peer, SessionReport, Transport, proxy_header, write_reply};
-use crate::relay::{self, RelayEnd};
+use crate::relay;
+use crate::smtp::stream::{STARTTLS_ON_IMPLICIT, SmtpStream};
 use crate::snapshot::ListenerRuntime;
 use crate::tls::{self, HandshakeFailure};
 use crate::upstream;
@@ -43,12 +44,15 @@ pub async fn run(tcp: TcpStream, peer: Peer, l: &ListenerRuntime, report: &mut S
         return;
     }
     report.bytes_from_upstream = up.greeting.len() as u64;
-    let r = relay::relay(&mut client, &mut up.stream, limits.idle_timeout).await;
-    report.bytes_from_client += r.bytes_from_client;
-    report.bytes_from_upstream += r.bytes_from_upstream;
-    report.outcome = match r.end {
-        RelayEnd::Closed => Outcome::Relayed,
-        RelayEnd::IdleTimeout => Outcome::Timeout("idle"),
-        RelayEnd::Reset => Outcome::Reset,
-    };
+    let mut smtp = SmtpStream::new(STARTTLS_ON_IMPLICIT);
+    let r = relay::relay(
+        &mut client,
+        &mut up.stream,
+        limits.idle_timeout,
+        &mut smtp,
+        Vec::new(),
+        &l.config.hostname,
+    )
+    .await;
+    super::finish_relay(report, r);
 }

@@ -3,6 +3,7 @@
 
 pub mod implicit;
 pub mod report;
+pub mod starttls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -38,18 +39,21 @@ pub async fn run(tcp: TcpStream, peer: Peer, listener: Arc<ListenerRuntime>, ses
     );
     match listener.config.mode {
         Mode::Implicit => implicit::run(tcp, peer, &listener, &mut report).await,
-        Mode::Starttls => {
-            // The STARTTLS dialogue arrives with its own issue; until then refuse honestly.
-            let mut tcp = tcp;
-            let _ = write_reply(
-                &mut tcp,
-                &crate::smtp::reply::upstream_unavailable(&listener.config.hostname),
-            )
-            .await;
-            report.outcome = Outcome::ProtocolError("starttls mode not available".into());
-        }
+        Mode::Starttls => starttls::run(tcp, peer, &listener, &mut report).await,
     }
     report.emit();
+}
+
+/// Adds the relay's counts and end to the report.
+pub fn finish_relay(report: &mut SessionReport, r: crate::relay::RelayReport) {
+    report.bytes_from_client += r.bytes_from_client;
+    report.bytes_from_upstream += r.bytes_from_upstream;
+    report.outcome = match r.end {
+        crate::relay::RelayEnd::Closed => Outcome::Relayed,
+        crate::relay::RelayEnd::IdleTimeout => Outcome::Timeout("idle"),
+        crate::relay::RelayEnd::Reset => Outcome::Reset,
+        crate::relay::RelayEnd::UpstreamProtocol(e) => Outcome::UpstreamFailed(e),
+    };
 }
 
 /// The PROXY header for this session, as the upstream is configured to expect it.

@@ -51,11 +51,28 @@ pub struct SmtpStream {
     pub expects: VecDeque<Expect>,
     /// STARTTLS commands answered locally.
     pub starttls_refused: u64,
+    starttls_reply: &'static [u8],
 }
+
+/// Our reply to STARTTLS inside a STARTTLS-upgraded session (Postfix's text).
+pub const STARTTLS_AGAIN: &[u8] = b"554 5.5.1 Error: TLS already active\r\n";
+/// Inside an implicit-TLS session (RFC 8314 §3.3: TLS is already on).
+pub const STARTTLS_ON_IMPLICIT: &[u8] = b"554 5.5.1 Error: TLS already active\r\n";
+/// After a plaintext hand-off: the session can no longer be upgraded.
+pub const STARTTLS_AFTER_HANDOFF: &[u8] =
+    b"502 5.5.1 Error: STARTTLS is only available before the first mail command\r\n";
 
 impl Default for SmtpStream {
     fn default() -> Self {
+        Self::new(STARTTLS_AGAIN)
+    }
+}
+
+impl SmtpStream {
+    /// `starttls_reply`: what a STARTTLS command gets (it is never relayed).
+    pub fn new(starttls_reply: &'static [u8]) -> Self {
         SmtpStream {
+            starttls_reply,
             state: State::Command,
             line: Vec::new(),
             long_line: false,
@@ -64,9 +81,7 @@ impl Default for SmtpStream {
             starttls_refused: 0,
         }
     }
-}
 
-impl SmtpStream {
     /// Whether client input may be processed now (false while a DATA reply is awaited).
     pub fn wants_client_input(&self) -> bool {
         self.state != State::AwaitDataReply
@@ -175,9 +190,8 @@ impl SmtpStream {
         match verb.as_slice() {
             b"STARTTLS" => {
                 self.starttls_refused += 1;
-                self.expects.push_back(Expect::Local(
-                    b"554 5.5.1 Error: TLS already active\r\n".to_vec(),
-                ));
+                self.expects
+                    .push_back(Expect::Local(self.starttls_reply.to_vec()));
                 return false;
             }
             b"EHLO" | b"HELO" => self.expects.push_back(Expect::Upstream(ReplyKind::Ehlo)),

@@ -1,0 +1,247 @@
+//! STARTTLS listeners (25, 587): the proxy speaks the pre-TLS dialogue itself
+//! (`smtp::Dialogue`), then either upgrades (pipelined bytes dropped here, never later:
+//! CVE-2011-0411) or hands the plaintext session to the upstream (greeting consumed,
+//! EHLO/HELO replayed, the pending command and everything after it forwarded).
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use super::{Outcome, Peer, SessionReport, Transport, proxy_header, write_reply};
+use crate::relay;
+use crate::smtp::dialogue::{self, Dialogue, Greet, Step};
+use crate::smtp::line::LineReader;
+use crate::smtp::reply;
+use crate::smtp::stream::{STARTTLS_AFTER_HANDOFF, SmtpStream};
+use crate::snapshot::ListenerRuntime;
+use crate::tls::{self, HandshakeFailure};
+use crate::upstream;
+
+/// One read of client input in the dialogue; the line reader bounds what is kept.
+const DIALOGUE_READ: usize = 1024;
+/// First byte of a TLS handshake record: an implicit-TLS client on a STARTTLS port.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+pub async fn run(mut tcp: TcpStream, peer: Peer, l: &ListenerRuntime, report: &mut SessionReport) {
+    let cfg = &l.config;
+    let mut dialogue = Dialogue::new(
+        &cfg.hostname,
+        cfg.require_starttls,
+        dialogue::default_capabilities(),
+    );
+    if write_reply(&mut tcp, &dialogue.greeting()).await.is_err() {
+        return;
+    }
+    let mut reader = LineReader::default();
+    let mut chunk = [0u8; DIALOGUE_READ];
+    let mut first_read = true;
+    loop {
+        let event = loop {
+            if let Some(e) = reader.next_event() {
+                break e;
+            }
+            let n = match timeout(cfg.limits.command_timeout, tcp.read(&mut chunk)).await {
+                Err(_) => {
+                    let _ = write_reply(&mut tcp, &dialogue.timeout_reply()).await;
+                    report.outcome = Outcome::Timeout("command");
+                    return;
+                }
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                Ok(Ok(n)) => n,
+            };
+            if first_read && chunk[0] == TLS_HANDSHAKE_RECORD {
+                // No dialogue with a TLS ClientHello: it would only collect errors.
+                report.outcome =
+                    Outcome::ProtocolError("TLS ClientHello on a STARTTLS port".into());
+                return;
+            }
+            first_read = false;
+            reader.feed(&chunk[..n]);
+        };
+        match dialogue.on_event(event) {
+            Step::Reply(r) => {
+                if write_reply(&mut tcp, &r).await.is_err() {
+                    return;
+                }
+            }
+            Step::Close(r) => {
+                let _ = write_reply(&mut tcp, &r).await;
+                let _ = tcp.shutdown().await;
+                if !r.starts_with(b"221 2.0.0") {
+                    report.outcome = Outcome::ProtocolError(
+                        String::from_utf8_lossy(
+                            r.split(|&b| b == b'\r').next().unwrap_or_default(),
+                        )
+                        .into_owned(),
+                    );
+                }
+                return;
+            }
+            Step::StartTls(r) => {
+                if write_reply(&mut tcp, &r).await.is_err() {
+                    return;
+                }
+                // Dropped here, before the handshake: never executed, never forwarded.
+                let injected = reader.take_remaining();
+                if !injected.is_empty() {
+                    report.pipelined_discarded = injected.len() as u64;
+                    tracing::warn!(
+                        bytes = injected.len(),
+                        first = %escape(&injected[..injected.len().min(100)]),
+                        "discarded bytes pipelined after STARTTLS"
+                    );
+                }
+                return upgraded(tcp, peer, l, report).await;
+            }
+            Step::PassThrough(line) => {
+                let mut pending = line;
+                pending.extend_from_slice(b"\r\n");
+                pending.extend_from_slice(&reader.take_remaining());
+                return plaintext(tcp, peer, l, report, dialogue.greet().cloned(), pending).await;
+            }
+        }
+    }
+}
+
+/// After `220 Ready to start TLS`: handshake, the client's first command, then the upstream.
+async fn upgraded(tcp: TcpStream, peer: Peer, l: &ListenerRuntime, report: &mut SessionReport) {
+    let cfg = &l.config;
+    let (mut client, facts) = match tls::accept(tcp, &l.tls, cfg.limits.handshake_timeout).await {
+        Ok(ok) => ok,
+        Err(HandshakeFailure::Timeout) => {
+            report.outcome = Outcome::Timeout("handshake");
+            return;
+        }
+        Err(f) => {
+            report.outcome = Outcome::HandshakeFailed(f.to_string());
+            return;
+        }
+    };
+    report.transport = Transport::Starttls;
+    report.tls = Some(facts);
+    // The upstream is contacted once the client speaks, so that an unavailable upstream is
+    // the reply to its next command (normally EHLO).
+    let mut first = vec![0u8; DIALOGUE_READ];
+    let n = match timeout(cfg.limits.command_timeout, client.read(&mut first)).await {
+        Err(_) => {
+            let _ = write_reply(
+                &mut client,
+                &Dialogue::new(&cfg.hostname, false, vec![]).timeout_reply(),
+            )
+            .await;
+            report.outcome = Outcome::Timeout("command");
+            return;
+        }
+        Ok(Ok(0)) | Ok(Err(_)) => return,
+        Ok(Ok(n)) => n,
+    };
+    first.truncate(n);
+    report.bytes_from_client = n as u64;
+    let header = proxy_header(l.upstream.config.proxy_protocol, peer, report);
+    let mut up = match connect_greeted(l, &header).await {
+        Ok(up) => up,
+        Err(reason) => {
+            let _ = write_reply(&mut client, &reply::upstream_unavailable(&cfg.hostname)).await;
+            let _ = client.shutdown().await;
+            report.outcome = Outcome::UpstreamFailed(reason);
+            return;
+        }
+    };
+    report.upstream_addr = Some(up.addr);
+    let mut smtp = SmtpStream::default();
+    let r = relay::relay(
+        &mut client,
+        &mut up.stream,
+        cfg.limits.idle_timeout,
+        &mut smtp,
+        first,
+        &cfg.hostname,
+    )
+    .await;
+    super::finish_relay(report, r);
+}
+
+/// Port 25 without STARTTLS: one coherent plaintext session through the upstream.
+async fn plaintext(
+    mut tcp: TcpStream,
+    peer: Peer,
+    l: &ListenerRuntime,
+    report: &mut SessionReport,
+    greet: Option<Greet>,
+    pending: Vec<u8>,
+) {
+    let cfg = &l.config;
+    report.transport = Transport::Plaintext;
+    let header = proxy_header(l.upstream.config.proxy_protocol, peer, report);
+    let mut up = match connect_greeted(l, &header).await {
+        Ok(up) => up,
+        Err(reason) => {
+            let _ = write_reply(&mut tcp, &reply::upstream_unavailable(&cfg.hostname)).await;
+            report.outcome = Outcome::UpstreamFailed(reason);
+            return;
+        }
+    };
+    report.upstream_addr = Some(up.addr);
+    if let Some(greet) = greet {
+        // Replayed only after the greeting: Postfix refuses pre-greeting input.
+        let replay = async {
+            up.stream
+                .write_all(&greet.line())
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut buf = Vec::new();
+            reply::read_reply(&mut up.stream, &mut buf)
+                .await
+                .map_err(|e| e.to_string())
+        };
+        match timeout(l.upstream.config.connect_timeout, replay).await {
+            Ok(Ok(span)) if span.code / 100 == 2 => {}
+            Ok(Ok(span)) => {
+                let _ = write_reply(&mut tcp, &reply::upstream_unavailable(&cfg.hostname)).await;
+                report.outcome =
+                    Outcome::UpstreamFailed(format!("replayed greeting answered {}", span.code));
+                return;
+            }
+            Ok(Err(e)) => {
+                let _ = write_reply(&mut tcp, &reply::upstream_unavailable(&cfg.hostname)).await;
+                report.outcome = Outcome::UpstreamFailed(format!("replaying the greeting: {e}"));
+                return;
+            }
+            Err(_) => {
+                let _ = write_reply(&mut tcp, &reply::upstream_unavailable(&cfg.hostname)).await;
+                report.outcome = Outcome::UpstreamFailed("timeout replaying the greeting".into());
+                return;
+            }
+        }
+    }
+    let mut smtp = SmtpStream::new(STARTTLS_AFTER_HANDOFF);
+    let r = relay::relay(
+        &mut tcp,
+        &mut up.stream,
+        cfg.limits.idle_timeout,
+        &mut smtp,
+        pending,
+        &cfg.hostname,
+    )
+    .await;
+    super::finish_relay(report, r);
+}
+
+/// Connects and requires a 2xx greeting (consumed, never forwarded on these paths).
+async fn connect_greeted(l: &ListenerRuntime, header: &[u8]) -> Result<upstream::Upstream, String> {
+    let up = upstream::connect(&l.upstream, header)
+        .await
+        .map_err(|e| e.to_string())?;
+    if up.greeting_code / 100 != 2 {
+        return Err(format!(
+            "greeting {}",
+            String::from_utf8_lossy(&up.greeting).trim_end()
+        ));
+    }
+    Ok(up)
+}
+
+/// Postfix-style escaping of logged client bytes.
+fn escape(bytes: &[u8]) -> String {
+    bytes.escape_ascii().to_string()
+}
