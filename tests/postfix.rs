@@ -219,3 +219,131 @@ async fn swaks_over_implicit_tls_delivers_through_the_proxy() {
     assert!(transcript.contains("TLS started"), "{transcript}");
     pf.wait_for_message("sent by swaks through the proxy", PF_WAIT);
 }
+
+fn starttls_yaml(pf: &Postfix, cert: &Issued) -> String {
+    format!(
+        r#"
+log: {{ format: json }}
+upstreams:
+  mta: {{ address: "{}", connect_timeout: 3s }}
+certificates:
+  - cert: {}
+    key: {}
+listeners:
+  smtp: {{ listen: "127.0.0.1:0", mode: starttls, hostname: mx.example.test, upstream: mta }}
+  submission: {{ listen: "127.0.0.1:0", mode: starttls, require_starttls: true, hostname: mx.example.test, upstream: mta }}
+"#,
+        pf.proxy_addr(),
+        cert.cert_path.display(),
+        cert.key_path.display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_on_25_and_587_style_listeners_delivers_with_the_real_client_address() {
+    let pki = TestPki::new();
+    let mx = pki.server_cert("mx", &["mx.example.test"], false);
+    let pf = Postfix::start(PostfixOptions::default());
+    let proxy = spawn_proxy(&starttls_yaml(&pf, &mx));
+    for (listener, ip) in [("smtp", "127.0.0.3"), ("submission", "127.0.0.4")] {
+        let tcp = connect_from(ip, proxy.addr(listener)).await;
+        let client = tcp.local_addr().unwrap();
+        let mut smtp = Smtp::new(tcp);
+        assert!(
+            smtp.reply()
+                .await
+                .unwrap()
+                .starts_with("220 mx.example.test ESMTP")
+        );
+        assert!(smtp.cmd("EHLO client.test").await.contains("STARTTLS"));
+        assert!(smtp.cmd("STARTTLS").await.starts_with("220"));
+        let tls = tls_handshake(
+            smtp.stream,
+            verifying_client(pki.server_ca_der()),
+            Some("mx.example.test"),
+        )
+        .await
+        .unwrap();
+        let mut tls = Smtp::new(tls);
+        let ehlo = tls.cmd("EHLO client.test").await;
+        assert!(ehlo.starts_with("250-"), "Postfix's own EHLO reply: {ehlo}");
+        assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
+        let body = format!("Subject: {listener}\r\n\r\nstarttls via {listener}");
+        let r = tls
+            .send_mail("a@client.test", "user@example.test", &body)
+            .await;
+        assert!(r.starts_with("250"), "{r}");
+        assert!(tls.cmd("QUIT").await.starts_with("221"));
+        pf.wait_for_message(&format!("starttls via {listener}"), PF_WAIT);
+        pf.wait_for_log(&format!("client=unknown[{ip}]"), PF_WAIT);
+        let line = proxy.session_line(client).await;
+        assert_eq!(line["transport"], "starttls");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_25_plaintext_delivers_through_postfix() {
+    let pki = TestPki::new();
+    let mx = pki.server_cert("mx", &["mx.example.test"], false);
+    let pf = Postfix::start(PostfixOptions::default());
+    let proxy = spawn_proxy(&starttls_yaml(&pf, &mx));
+    let tcp = connect_from("127.0.0.5", proxy.addr("smtp")).await;
+    let mut smtp = Smtp::new(tcp);
+    assert!(smtp.reply().await.unwrap().starts_with("220"));
+    assert!(smtp.cmd("EHLO old-sender.test").await.starts_with("250"));
+    let r = smtp
+        .send_mail(
+            "a@old-sender.test",
+            "user@example.test",
+            "Subject: plain\r\n\r\nno tls at all",
+        )
+        .await;
+    assert!(r.starts_with("250"), "{r}");
+    assert!(smtp.cmd("QUIT").await.starts_with("221"));
+    let msg = pf.wait_for_message("no tls at all", PF_WAIT);
+    assert!(
+        msg.contains("old-sender.test (unknown [127.0.0.5])"),
+        "{msg}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn swaks_with_starttls_completes_a_session_to_postfix() {
+    let pki = TestPki::new();
+    let mx = pki.server_cert("mx", &["mx.example.test"], false);
+    let pf = Postfix::start(PostfixOptions::default());
+    let proxy = spawn_proxy(&starttls_yaml(&pf, &mx));
+    let addr = proxy.addr("submission");
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("swaks")
+            .args([
+                "--server",
+                &addr.ip().to_string(),
+                "--port",
+                &addr.port().to_string(),
+            ])
+            .args([
+                "--tls",
+                "--from",
+                "sender@client.test",
+                "--to",
+                "user@example.test",
+            ])
+            .args([
+                "--ehlo",
+                "client.test",
+                "--body",
+                "swaks starttls body",
+                "--timeout",
+                "20",
+            ])
+            .output()
+            .expect("swaks is installed (.ci/run installs it)")
+    })
+    .await
+    .unwrap();
+    let transcript = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "swaks failed:\n{transcript}");
+    assert!(transcript.contains("STARTTLS"), "{transcript}");
+    pf.wait_for_message("swaks starttls body", PF_WAIT);
+}
