@@ -290,3 +290,55 @@ async fn hostile_input_gets_rfc_replies_and_bounded_closes() {
     let (mut ok, _) = plain(&proxy, "smtp").await;
     assert!(ok.cmd("NOOP").await.starts_with("250"), "still serving");
 }
+
+/// Connects twice with one client config (sharing its session cache) and reports whether
+/// the second handshake resumed.
+async fn second_handshake_resumes(proxy: &RunningProxy, listener: &str, starttls: bool) -> bool {
+    let config = inspecting_client(None);
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let tcp = connect_from("127.0.0.1", proxy.addr(listener)).await;
+        let mut smtp = Smtp::new(tcp);
+        let tls = if starttls {
+            smtp.reply().await.unwrap();
+            smtp.cmd("EHLO x").await;
+            assert!(smtp.cmd("STARTTLS").await.starts_with("220"));
+            tls_handshake(smtp.stream, config.clone(), Some("mx.example.test"))
+                .await
+                .unwrap()
+        } else {
+            tls_handshake(smtp.stream, config.clone(), Some("mx.example.test"))
+                .await
+                .unwrap()
+        };
+        let mut tls = Smtp::new(tls);
+        // Reading a reply processes any NewSessionTicket the server sent.
+        if !starttls {
+            tls.reply().await.unwrap();
+        }
+        tls.cmd("EHLO x").await;
+        kinds.push(tls.stream.get_ref().1.handshake_kind());
+        tls.cmd("QUIT").await;
+    }
+    kinds[1] == Some(rustls::HandshakeKind::Resumed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls13_session_tickets_are_off_on_starttls_listeners_and_on_for_implicit_ones() {
+    let mta = FakeMta::start().await;
+    let pki = TestPki::new();
+    let mx = pki.server_cert("mx", &["mx.example.test"], false);
+    let listeners = starttls_listener("smtp", "")
+        + &starttls_listener("smtp_tickets", "    session_tickets: true\n")
+        + &implicit_listener("smtps", "mx.example.test", "");
+    let proxy = spawn_proxy(&yaml(mta.addr, "", &cert_entry(&mx), &listeners));
+    assert!(
+        second_handshake_resumes(&proxy, "smtps", false).await,
+        "control: the probe sees resumption where tickets are on"
+    );
+    assert!(second_handshake_resumes(&proxy, "smtp_tickets", true).await);
+    assert!(
+        !second_handshake_resumes(&proxy, "smtp", true).await,
+        "no ticket on STARTTLS"
+    );
+}
