@@ -8,24 +8,13 @@ use super::{Outcome, Peer, SessionReport, Transport, proxy_header, write_reply};
 use crate::relay;
 use crate::smtp::stream::{STARTTLS_ON_IMPLICIT, SmtpStream};
 use crate::snapshot::ListenerRuntime;
-use crate::tls::{self, HandshakeFailure};
 use crate::upstream;
 
 pub async fn run(tcp: TcpStream, peer: Peer, l: &ListenerRuntime, report: &mut SessionReport) {
     let limits = &l.config.limits;
-    let (mut client, facts) = match tls::accept(tcp, &l.tls, limits.handshake_timeout).await {
-        Ok(ok) => ok,
-        Err(HandshakeFailure::Timeout) => {
-            report.outcome = Outcome::Timeout("handshake");
-            return;
-        }
-        Err(f) => {
-            report.outcome = Outcome::HandshakeFailed(f.to_string());
-            return;
-        }
+    let Some(mut client) = super::handshake(tcp, l, report, Transport::Implicit).await else {
+        return;
     };
-    report.transport = Transport::Implicit;
-    report.tls = Some(facts);
 
     let header = proxy_header(l.upstream.config.proxy_protocol, peer, report);
     let mut up = match upstream::connect(&l.upstream, &header).await {

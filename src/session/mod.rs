@@ -44,6 +44,31 @@ pub async fn run(tcp: TcpStream, peer: Peer, listener: Arc<ListenerRuntime>, ses
     report.emit();
 }
 
+/// The server handshake under `handshake_timeout`; on failure the outcome is set and
+/// `None` returned, on success the TLS facts and transport are in the report.
+pub async fn handshake(
+    tcp: TcpStream,
+    l: &ListenerRuntime,
+    report: &mut SessionReport,
+    transport: Transport,
+) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+    match crate::tls::accept(tcp, &l.tls, l.config.limits.handshake_timeout).await {
+        Ok((stream, facts)) => {
+            report.transport = transport;
+            report.tls = Some(facts);
+            Some(stream)
+        }
+        Err(crate::tls::HandshakeFailure::Timeout) => {
+            report.outcome = Outcome::Timeout("handshake");
+            None
+        }
+        Err(f) => {
+            report.outcome = Outcome::HandshakeFailed(f.to_string());
+            None
+        }
+    }
+}
+
 /// Adds the relay's counts and end to the report.
 pub fn finish_relay(report: &mut SessionReport, r: crate::relay::RelayReport) {
     report.bytes_from_client += r.bytes_from_client;

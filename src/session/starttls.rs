@@ -14,7 +14,6 @@ use crate::smtp::line::LineReader;
 use crate::smtp::reply;
 use crate::smtp::stream::{STARTTLS_AFTER_HANDOFF, SmtpStream};
 use crate::snapshot::ListenerRuntime;
-use crate::tls::{self, HandshakeFailure};
 use crate::upstream;
 
 /// One read of client input in the dialogue; the line reader bounds what is kept.
@@ -106,19 +105,9 @@ pub async fn run(mut tcp: TcpStream, peer: Peer, l: &ListenerRuntime, report: &m
 /// After `220 Ready to start TLS`: handshake, the client's first command, then the upstream.
 async fn upgraded(tcp: TcpStream, peer: Peer, l: &ListenerRuntime, report: &mut SessionReport) {
     let cfg = &l.config;
-    let (mut client, facts) = match tls::accept(tcp, &l.tls, cfg.limits.handshake_timeout).await {
-        Ok(ok) => ok,
-        Err(HandshakeFailure::Timeout) => {
-            report.outcome = Outcome::Timeout("handshake");
-            return;
-        }
-        Err(f) => {
-            report.outcome = Outcome::HandshakeFailed(f.to_string());
-            return;
-        }
+    let Some(mut client) = super::handshake(tcp, l, report, Transport::Starttls).await else {
+        return;
     };
-    report.transport = Transport::Starttls;
-    report.tls = Some(facts);
     // The upstream is contacted once the client speaks, so that an unavailable upstream is
     // the reply to its next command (normally EHLO).
     let mut first = vec![0u8; DIALOGUE_READ];
