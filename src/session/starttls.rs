@@ -55,6 +55,7 @@ pub async fn run(mut tcp: TcpStream, peer: Peer, l: &ListenerRuntime, report: &m
                 return;
             }
             first_read = false;
+            report.bytes_from_client += n as u64;
             reader.feed(&chunk[..n]);
         };
         match dialogue.on_event(event) {
@@ -125,7 +126,7 @@ async fn upgraded(tcp: TcpStream, peer: Peer, l: &ListenerRuntime, report: &mut 
         Ok(Ok(n)) => n,
     };
     first.truncate(n);
-    report.bytes_from_client = n as u64;
+    report.bytes_from_client += n as u64;
     let header = proxy_header(l.upstream.config.proxy_protocol, peer, report);
     let mut up = match connect_greeted(l, &header).await {
         Ok(up) => up,
