@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::config::{CertificateSource, Mode, ProxyVersion};
+use crate::config::{Mode, ProxyVersion};
 use crate::snapshot::Snapshot;
 
 /// The report printed by `check`: listeners, then certificates with their names and expiry.
@@ -54,18 +54,16 @@ pub fn describe(snapshot: &Snapshot) -> String {
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or_default();
-    for (source, cert) in c.certificates.iter().zip(snapshot.store.all()) {
-        let (index, origin) = match source {
-            CertificateSource::Files { index, .. } => (*index, cert.origin.clone()),
-            CertificateSource::SelfSigned { index, .. } => (*index, "self-signed".to_owned()),
-        };
+    // The store keeps certificates in `certificates` order, so the position is the index.
+    for (index, cert) in snapshot.store.all().iter().enumerate() {
         let expires = UNIX_EPOCH + Duration::from_secs(cert.not_after.max(0) as u64);
         let days = (cert.not_after - now) / 86_400;
         let _ = writeln!(
             out,
-            "certificate {index}: {origin}: names {}; key {}; expires {} ({})",
+            "certificate {index}: {}: names {}; key {}; expires {} ({})",
+            cert.origin,
             cert.names.join(", "),
-            cert.key_kind.key_alg(),
+            cert.key_alg,
             humantime::format_rfc3339_seconds(expires),
             if days < 0 {
                 "EXPIRED".to_owned()

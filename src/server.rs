@@ -46,8 +46,21 @@ pub fn bind_all(snapshot: &Snapshot) -> Result<Vec<Bound>, String> {
     let mut out = Vec::new();
     for (name, l) in &snapshot.listeners {
         let listener = bind(l.config.listen).map_err(|e| {
+            let hint = match e.kind() {
+                io::ErrorKind::PermissionDenied => {
+                    " (ports below 1024 need root or CAP_NET_BIND_SERVICE, e.g. \
+                     AmbientCapabilities=CAP_NET_BIND_SERVICE in the systemd unit)"
+                }
+                io::ErrorKind::AddrInUse => {
+                    " (another process listens there: `ss -ltnp` shows which; stop it or change the port)"
+                }
+                io::ErrorKind::AddrNotAvailable => {
+                    " (no local interface has this address)"
+                }
+                _ => "",
+            };
             format!(
-                "{}: listeners.{name}.listen: cannot listen on {}: {e}",
+                "{}: listeners.{name}.listen: cannot listen on {}: {e}{hint}",
                 snapshot.config.path.display(),
                 l.config.listen
             )

@@ -45,10 +45,13 @@ async fn mode_none_sends_no_certificate_request_and_gmail_delivers() {
     let proxy = proxy_with("none", &pki, &mta);
     let gmail = pki.unknown_client_cert("gmail", "smtp.gmail.com");
     let (config, asked) = recording_client(&gmail);
-    let tcp = connect_from("127.0.0.1", proxy.addr("smtps")).await;
-    let tls = tls_handshake(tcp, config, Some("mx.example.test"))
-        .await
-        .unwrap();
+    let (tls, _) = tls_client(
+        "127.0.0.1",
+        proxy.addr("smtps"),
+        config,
+        Some("mx.example.test"),
+    )
+    .await;
     let mut smtp = Smtp::new(tls);
     deliver(&mut smtp, "hi").await;
     assert!(
@@ -66,11 +69,13 @@ async fn mode_request_accepts_an_unknown_certificate_and_forwards_its_fingerprin
     let proxy = proxy_with("request", &pki, &mta);
     let gmail = pki.unknown_client_cert("gmail", "smtp.gmail.com");
     let (config, asked) = recording_client(&gmail);
-    let tcp = connect_from("127.0.0.1", proxy.addr("smtps")).await;
-    let client = tcp.local_addr().unwrap();
-    let tls = tls_handshake(tcp, config, Some("mx.example.test"))
-        .await
-        .unwrap();
+    let (tls, client) = tls_client(
+        "127.0.0.1",
+        proxy.addr("smtps"),
+        config,
+        Some("mx.example.test"),
+    )
+    .await;
     let mut smtp = Smtp::new(tls);
     deliver(&mut smtp, "hi").await;
     assert!(
@@ -136,10 +141,13 @@ async fn mode_require_refuses_an_unknown_certificate_and_accepts_one_from_client
 
     let good = pki.client_cert("relay", "relay.partner.test");
     let (config, _) = recording_client(&good);
-    let tcp = connect_from("127.0.0.1", proxy.addr("smtps")).await;
-    let tls = tls_handshake(tcp, config, Some("mx.example.test"))
-        .await
-        .unwrap();
+    let (tls, _) = tls_client(
+        "127.0.0.1",
+        proxy.addr("smtps"),
+        config,
+        Some("mx.example.test"),
+    )
+    .await;
     let mut smtp = Smtp::new(tls);
     deliver(&mut smtp, "hi").await;
     let conn = mta.wait_line(0, |l| l == "QUIT").await;

@@ -29,10 +29,13 @@ async fn upstream_greeting_reaches_the_client_unchanged() {
             .await;
     let pki = TestPki::new();
     let proxy = spawn_proxy(&one_listener(mta.addr, &pki, ""));
-    let tcp = connect_from("127.0.0.1", proxy.addr("smtps")).await;
-    let tls = tls_handshake(tcp, inspecting_client(None), Some("mx.example.test"))
-        .await
-        .unwrap();
+    let (tls, _) = tls_client(
+        "127.0.0.1",
+        proxy.addr("smtps"),
+        inspecting_client(None),
+        Some("mx.example.test"),
+    )
+    .await;
     let mut smtp = Smtp::new(tls);
     assert_eq!(
         smtp.reply().await.unwrap(),
@@ -84,10 +87,13 @@ async fn client_half_close_still_receives_the_upstreams_final_reply() {
     let upstream = replies_after_eof_upstream().await;
     let pki = TestPki::new();
     let proxy = spawn_proxy(&one_listener(upstream, &pki, ""));
-    let tcp = connect_from("127.0.0.1", proxy.addr("smtps")).await;
-    let tls = tls_handshake(tcp, inspecting_client(None), Some("mx.example.test"))
-        .await
-        .unwrap();
+    let (tls, _) = tls_client(
+        "127.0.0.1",
+        proxy.addr("smtps"),
+        inspecting_client(None),
+        Some("mx.example.test"),
+    )
+    .await;
     let mut smtp = Smtp::new(tls);
     assert!(smtp.reply().await.unwrap().starts_with("220 eof.test"));
     smtp.send(b"QUIT\r\n").await;
@@ -109,11 +115,13 @@ async fn upstream_that_never_greets_gives_421_within_connect_timeout() {
     });
     let pki = TestPki::new();
     let proxy = spawn_proxy(&one_listener(addr, &pki, ""));
-    let tcp = connect_from("127.0.0.1", proxy.addr("smtps")).await;
-    let client = tcp.local_addr().unwrap();
-    let tls = tls_handshake(tcp, inspecting_client(None), Some("mx.example.test"))
-        .await
-        .unwrap();
+    let (tls, client) = tls_client(
+        "127.0.0.1",
+        proxy.addr("smtps"),
+        inspecting_client(None),
+        Some("mx.example.test"),
+    )
+    .await;
     let mut smtp = Smtp::new(tls);
     let started = std::time::Instant::now();
     let reply = smtp.reply().await.unwrap();
@@ -136,10 +144,13 @@ async fn upstream_refusing_gives_421_never_5xx() {
     };
     let pki = TestPki::new();
     let proxy = spawn_proxy(&one_listener(closed, &pki, ""));
-    let tcp = connect_from("127.0.0.1", proxy.addr("smtps")).await;
-    let tls = tls_handshake(tcp, inspecting_client(None), Some("mx.example.test"))
-        .await
-        .unwrap();
+    let (tls, _) = tls_client(
+        "127.0.0.1",
+        proxy.addr("smtps"),
+        inspecting_client(None),
+        Some("mx.example.test"),
+    )
+    .await;
     let mut smtp = Smtp::new(tls);
     let reply = smtp.reply().await.unwrap();
     assert!(reply.starts_with("421 4.3.0"), "{reply}");

@@ -148,11 +148,13 @@ async fn upstream_down_gives_421_and_mail_flows_again_when_it_is_back() {
     let proxy = spawn_proxy(&implicit_yaml(&pf, &mx, ""));
 
     pf.stop_for_outage();
-    let tcp = connect_from("127.0.0.2", proxy.addr("submissions")).await;
-    let client = tcp.local_addr().unwrap();
-    let tls = tls_handshake(tcp, inspecting_client(None), Some("mx.example.test"))
-        .await
-        .unwrap();
+    let (tls, client) = tls_client(
+        "127.0.0.2",
+        proxy.addr("submissions"),
+        inspecting_client(None),
+        Some("mx.example.test"),
+    )
+    .await;
     let mut smtp = Smtp::new(tls);
     let reply = smtp.reply().await.unwrap();
     assert!(
@@ -167,10 +169,13 @@ async fn upstream_down_gives_421_and_mail_flows_again_when_it_is_back() {
     );
 
     pf.restart_after_outage();
-    let tcp = connect_from("127.0.0.2", proxy.addr("submissions")).await;
-    let tls = tls_handshake(tcp, inspecting_client(None), Some("mx.example.test"))
-        .await
-        .unwrap();
+    let (tls, _) = tls_client(
+        "127.0.0.2",
+        proxy.addr("submissions"),
+        inspecting_client(None),
+        Some("mx.example.test"),
+    )
+    .await;
     let mut smtp = Smtp::new(tls);
     assert!(smtp.reply().await.unwrap().starts_with("220"));
     assert!(smtp.cmd("EHLO client.test").await.starts_with("250"));

@@ -23,11 +23,13 @@ async fn one_session(
         &cert_entry(&mx),
         &implicit_listener("smtps", "mx.example.test", ""),
     ));
-    let tcp = connect_from("127.0.0.2", proxy.addr("smtps")).await;
-    let client = tcp.local_addr().unwrap();
-    let tls = tls_handshake(tcp, inspecting_client(None), Some("mx.example.test"))
-        .await
-        .unwrap();
+    let (tls, client) = tls_client(
+        "127.0.0.2",
+        proxy.addr("smtps"),
+        inspecting_client(None),
+        Some("mx.example.test"),
+    )
+    .await;
     let mut smtp = Smtp::new(tls);
     deliver(&mut smtp, "x").await;
     let conn = mta.wait_line(0, |l| l == "QUIT").await;

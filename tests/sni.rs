@@ -33,11 +33,13 @@ async fn setup() -> Setup {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_domain_as_sni_gets_the_hostname_certificate_on_a_default_listener() {
     let s = setup().await;
-    let tcp = connect_from("127.0.0.1", s.proxy.addr("lenient")).await;
-    let client = tcp.local_addr().unwrap();
-    let tls = tls_handshake(tcp, inspecting_client(None), Some("example.test"))
-        .await
-        .unwrap();
+    let (tls, client) = tls_client(
+        "127.0.0.1",
+        s.proxy.addr("lenient"),
+        inspecting_client(None),
+        Some("example.test"),
+    )
+    .await;
     assert_eq!(served_names(&tls), vec!["mx.example.test"]);
     let mut smtp = Smtp::new(tls);
     deliver(&mut smtp, "x").await;
@@ -66,10 +68,13 @@ async fn unknown_sni_on_a_reject_listener_gets_unrecognized_name() {
     );
 
     // Control: a known name on the same listener completes.
-    let tcp = connect_from("127.0.0.1", s.proxy.addr("strict")).await;
-    let tls = tls_handshake(tcp, inspecting_client(None), Some("mx.example.test"))
-        .await
-        .unwrap();
+    let (tls, _) = tls_client(
+        "127.0.0.1",
+        s.proxy.addr("strict"),
+        inspecting_client(None),
+        Some("mx.example.test"),
+    )
+    .await;
     assert_eq!(served_names(&tls), vec!["mx.example.test"]);
 }
 
@@ -77,11 +82,13 @@ async fn unknown_sni_on_a_reject_listener_gets_unrecognized_name() {
 async fn no_sni_gets_the_default_certificate_even_on_a_reject_listener() {
     let s = setup().await;
     for listener in ["strict", "lenient"] {
-        let tcp = connect_from("127.0.0.1", s.proxy.addr(listener)).await;
-        let client = tcp.local_addr().unwrap();
-        let tls = tls_handshake(tcp, inspecting_client(None), None)
-            .await
-            .unwrap();
+        let (tls, client) = tls_client(
+            "127.0.0.1",
+            s.proxy.addr(listener),
+            inspecting_client(None),
+            None,
+        )
+        .await;
         assert_eq!(served_names(&tls), vec!["mx.example.test"]);
         let mut smtp = Smtp::new(tls);
         deliver(&mut smtp, "x").await;
@@ -93,10 +100,13 @@ async fn no_sni_gets_the_default_certificate_even_on_a_reject_listener() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wildcard_matches_exactly_one_label() {
     let s = setup().await;
-    let tcp = connect_from("127.0.0.1", s.proxy.addr("strict")).await;
-    let tls = tls_handshake(tcp, inspecting_client(None), Some("a.wild.test"))
-        .await
-        .unwrap();
+    let (tls, _) = tls_client(
+        "127.0.0.1",
+        s.proxy.addr("strict"),
+        inspecting_client(None),
+        Some("a.wild.test"),
+    )
+    .await;
     assert_eq!(served_names(&tls), vec!["*.wild.test"]);
 
     let tcp = connect_from("127.0.0.1", s.proxy.addr("strict")).await;
@@ -114,16 +124,22 @@ async fn a_wildcard_matches_exactly_one_label() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_rsa_only_client_gets_rsa_and_a_modern_client_gets_ecdsa() {
     let s = setup().await;
-    let tcp = connect_from("127.0.0.1", s.proxy.addr("lenient")).await;
-    let tls = tls_handshake(tcp, rsa_only_client(), Some("dual.test"))
-        .await
-        .unwrap();
+    let (tls, _) = tls_client(
+        "127.0.0.1",
+        s.proxy.addr("lenient"),
+        rsa_only_client(),
+        Some("dual.test"),
+    )
+    .await;
     assert!(served_rsa(&tls), "RSA for a client without ECDSA");
 
-    let tcp = connect_from("127.0.0.1", s.proxy.addr("lenient")).await;
-    let tls = tls_handshake(tcp, inspecting_client(None), Some("dual.test"))
-        .await
-        .unwrap();
+    let (tls, _) = tls_client(
+        "127.0.0.1",
+        s.proxy.addr("lenient"),
+        inspecting_client(None),
+        Some("dual.test"),
+    )
+    .await;
     assert!(!served_rsa(&tls), "ECDSA for a modern client");
     assert_eq!(served_names(&tls), vec!["dual.test"]);
 }

@@ -6,7 +6,7 @@ use tokio::net::TcpStream;
 
 use super::{Outcome, Peer, SessionReport, Transport, proxy_header, write_reply};
 use crate::relay;
-use crate::smtp::stream::{STARTTLS_ON_IMPLICIT, SmtpStream};
+use crate::smtp::stream::{STARTTLS_IN_TLS, SmtpStream};
 use crate::snapshot::ListenerRuntime;
 use crate::upstream;
 
@@ -33,7 +33,7 @@ pub async fn run(tcp: TcpStream, peer: Peer, l: &ListenerRuntime, report: &mut S
         return;
     }
     report.bytes_from_upstream = up.greeting.len() as u64;
-    let mut smtp = SmtpStream::new(STARTTLS_ON_IMPLICIT);
+    let mut smtp = SmtpStream::new(STARTTLS_IN_TLS);
     let r = relay::relay(
         &mut client,
         &mut up.stream,

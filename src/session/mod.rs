@@ -87,26 +87,19 @@ pub fn proxy_header(version: ProxyVersion, peer: Peer, report: &SessionReport) -
         ProxyVersion::None => Vec::new(),
         ProxyVersion::V1 => outbound::encode_v1(peer.client, peer.local),
         ProxyVersion::V2 => {
-            let key_alg;
-            let tls = match &report.tls {
-                Some(t) => {
-                    key_alg = t.cert.key_kind.key_alg();
-                    Some(TlsHeaderFacts {
-                        sni: t.sni.as_deref(),
-                        alpn: t.alpn.as_deref(),
-                        version: t.version,
-                        cipher: &t.cipher,
-                        sig_alg: &t.cert.sig_alg,
-                        key_alg: &key_alg,
-                        client_cert: t.client_cert.as_ref().map(|c| ClientCertHeader {
-                            cn: c.cn.as_deref(),
-                            sha256: &c.sha256,
-                            verified: c.verify == ClientVerify::Ok,
-                        }),
-                    })
-                }
-                None => None,
-            };
+            let tls = report.tls.as_ref().map(|t| TlsHeaderFacts {
+                sni: t.sni.as_deref(),
+                alpn: t.alpn.as_deref(),
+                version: t.version,
+                cipher: &t.cipher,
+                sig_alg: &t.cert.sig_alg,
+                key_alg: &t.cert.key_alg,
+                client_cert: t.client_cert.as_ref().map(|c| ClientCertHeader {
+                    cn: c.cn.as_deref(),
+                    sha256: &c.sha256,
+                    verified: c.verify == ClientVerify::Ok,
+                }),
+            });
             outbound::encode_v2(peer.client, peer.local, &report.session_id, tls.as_ref())
         }
     }

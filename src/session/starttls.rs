@@ -14,7 +14,7 @@ use crate::smtp::line::LineReader;
 use crate::smtp::reply;
 use crate::smtp::stream::{STARTTLS_AFTER_HANDOFF, SmtpStream};
 use crate::snapshot::ListenerRuntime;
-use crate::upstream;
+use crate::upstream::{self, UpstreamError};
 
 /// One read of client input in the dialogue; the line reader bounds what is kept.
 const DIALOGUE_READ: usize = 1024;
@@ -41,7 +41,7 @@ pub async fn run(mut tcp: TcpStream, peer: Peer, l: &ListenerRuntime, report: &m
             }
             let n = match timeout(cfg.limits.command_timeout, tcp.read(&mut chunk)).await {
                 Err(_) => {
-                    let _ = write_reply(&mut tcp, &dialogue.timeout_reply()).await;
+                    let _ = write_reply(&mut tcp, &reply::command_timeout(&cfg.hostname)).await;
                     report.outcome = Outcome::Timeout("command");
                     return;
                 }
@@ -64,17 +64,15 @@ pub async fn run(mut tcp: TcpStream, peer: Peer, l: &ListenerRuntime, report: &m
                     return;
                 }
             }
-            Step::Close(r) => {
+            Step::Quit(r) => {
                 let _ = write_reply(&mut tcp, &r).await;
                 let _ = tcp.shutdown().await;
-                if !r.starts_with(b"221 2.0.0") {
-                    report.outcome = Outcome::ProtocolError(
-                        String::from_utf8_lossy(
-                            r.split(|&b| b == b'\r').next().unwrap_or_default(),
-                        )
-                        .into_owned(),
-                    );
-                }
+                return;
+            }
+            Step::Close { reply, reason } => {
+                let _ = write_reply(&mut tcp, &reply).await;
+                let _ = tcp.shutdown().await;
+                report.outcome = Outcome::ProtocolError(reason.into());
                 return;
             }
             Step::StartTls(r) => {
@@ -114,11 +112,7 @@ async fn upgraded(tcp: TcpStream, peer: Peer, l: &ListenerRuntime, report: &mut 
     let mut first = vec![0u8; DIALOGUE_READ];
     let n = match timeout(cfg.limits.command_timeout, client.read(&mut first)).await {
         Err(_) => {
-            let _ = write_reply(
-                &mut client,
-                &Dialogue::new(&cfg.hostname, false, vec![]).timeout_reply(),
-            )
-            .await;
+            let _ = write_reply(&mut client, &reply::command_timeout(&cfg.hostname)).await;
             report.outcome = Outcome::Timeout("command");
             return;
         }
@@ -130,10 +124,10 @@ async fn upgraded(tcp: TcpStream, peer: Peer, l: &ListenerRuntime, report: &mut 
     let header = proxy_header(l.upstream.config.proxy_protocol, peer, report);
     let mut up = match connect_greeted(l, &header).await {
         Ok(up) => up,
-        Err(reason) => {
-            let _ = write_reply(&mut client, &reply::upstream_unavailable(&cfg.hostname)).await;
+        Err(e) => {
+            let _ = write_reply(&mut client, &e.reply(&cfg.hostname)).await;
             let _ = client.shutdown().await;
-            report.outcome = Outcome::UpstreamFailed(reason);
+            report.outcome = Outcome::UpstreamFailed(e.to_string());
             return;
         }
     };
@@ -165,9 +159,9 @@ async fn plaintext(
     let header = proxy_header(l.upstream.config.proxy_protocol, peer, report);
     let mut up = match connect_greeted(l, &header).await {
         Ok(up) => up,
-        Err(reason) => {
-            let _ = write_reply(&mut tcp, &reply::upstream_unavailable(&cfg.hostname)).await;
-            report.outcome = Outcome::UpstreamFailed(reason);
+        Err(e) => {
+            let _ = write_reply(&mut tcp, &e.reply(&cfg.hostname)).await;
+            report.outcome = Outcome::UpstreamFailed(e.to_string());
             return;
         }
     };
@@ -184,24 +178,16 @@ async fn plaintext(
                 .await
                 .map_err(|e| e.to_string())
         };
-        match timeout(l.upstream.config.connect_timeout, replay).await {
-            Ok(Ok(span)) if span.code / 100 == 2 => {}
-            Ok(Ok(span)) => {
-                let _ = write_reply(&mut tcp, &reply::upstream_unavailable(&cfg.hostname)).await;
-                report.outcome =
-                    Outcome::UpstreamFailed(format!("replayed greeting answered {}", span.code));
-                return;
-            }
-            Ok(Err(e)) => {
-                let _ = write_reply(&mut tcp, &reply::upstream_unavailable(&cfg.hostname)).await;
-                report.outcome = Outcome::UpstreamFailed(format!("replaying the greeting: {e}"));
-                return;
-            }
-            Err(_) => {
-                let _ = write_reply(&mut tcp, &reply::upstream_unavailable(&cfg.hostname)).await;
-                report.outcome = Outcome::UpstreamFailed("timeout replaying the greeting".into());
-                return;
-            }
+        let failure = match timeout(l.upstream.config.connect_timeout, replay).await {
+            Ok(Ok(span)) if span.code / 100 == 2 => None,
+            Ok(Ok(span)) => Some(format!("replayed {} answered {}", greet.verb(), span.code)),
+            Ok(Err(e)) => Some(format!("replaying {}: {e}", greet.verb())),
+            Err(_) => Some(format!("timeout replaying {}", greet.verb())),
+        };
+        if let Some(reason) = failure {
+            let _ = write_reply(&mut tcp, &reply::upstream_unavailable(&cfg.hostname)).await;
+            report.outcome = Outcome::UpstreamFailed(reason);
+            return;
         }
     }
     let mut smtp = SmtpStream::new(STARTTLS_AFTER_HANDOFF);
@@ -218,14 +204,14 @@ async fn plaintext(
 }
 
 /// Connects and requires a 2xx greeting (consumed, never forwarded on these paths).
-async fn connect_greeted(l: &ListenerRuntime, header: &[u8]) -> Result<upstream::Upstream, String> {
-    let up = upstream::connect(&l.upstream, header)
-        .await
-        .map_err(|e| e.to_string())?;
+async fn connect_greeted(
+    l: &ListenerRuntime,
+    header: &[u8],
+) -> Result<upstream::Upstream, UpstreamError> {
+    let up = upstream::connect(&l.upstream, header).await?;
     if up.greeting_code / 100 != 2 {
-        return Err(format!(
-            "greeting {}",
-            String::from_utf8_lossy(&up.greeting).trim_end()
+        return Err(UpstreamError::Greeting(
+            String::from_utf8_lossy(&up.greeting).trim_end().to_owned(),
         ));
     }
     Ok(up)

@@ -17,6 +17,13 @@ pub enum Greet {
 }
 
 impl Greet {
+    pub fn verb(&self) -> &'static str {
+        match self {
+            Greet::Ehlo(_) => "EHLO",
+            Greet::Helo(_) => "HELO",
+        }
+    }
+
     /// The line to replay, re-emitted with CRLF.
     pub fn line(&self) -> Vec<u8> {
         match self {
@@ -36,8 +43,13 @@ pub enum Step {
     /// Plaintext from here on: connect the upstream, replay the greeting, forward `line`
     /// (re-emitted with CRLF) and everything after it.
     PassThrough(Vec<u8>),
-    /// Send the reply and close.
-    Close(Vec<u8>),
+    /// The client said QUIT: send the reply and close.
+    Quit(Vec<u8>),
+    /// Send the reply and close; the client broke the protocol (`reason` is for the log).
+    Close {
+        reply: Vec<u8>,
+        reason: &'static str,
+    },
 }
 
 /// The dialogue of one session.
@@ -77,20 +89,6 @@ impl Dialogue {
         self.errors
     }
 
-    /// `421 4.4.2` for a client that did not send a command in time.
-    pub fn timeout_reply(&self) -> Vec<u8> {
-        format!("421 4.4.2 {} Error: timeout exceeded\r\n", self.hostname).into_bytes()
-    }
-
-    /// `421 4.3.0` for a session cut by shutdown.
-    pub fn shutdown_reply(&self) -> Vec<u8> {
-        format!(
-            "421 4.3.0 {} Service shutting down, try again later\r\n",
-            self.hostname
-        )
-        .into_bytes()
-    }
-
     pub fn on_event(&mut self, event: LineEvent) -> Step {
         match event {
             LineEvent::TooLong => self.reject("500 5.5.2 Error: line too long"),
@@ -126,7 +124,7 @@ impl Dialogue {
             "NOOP" => Step::Reply(b"250 2.0.0 OK\r\n".to_vec()),
             "RSET" => Step::Reply(b"250 2.0.0 OK\r\n".to_vec()),
             "HELP" => Step::Reply(b"214 2.0.0 See RFC 5321\r\n".to_vec()),
-            "QUIT" => Step::Close(b"221 2.0.0 Bye\r\n".to_vec()),
+            "QUIT" => Step::Quit(b"221 2.0.0 Bye\r\n".to_vec()),
             "STARTTLS" if !arg.is_empty() => self.reject("501 5.5.4 Syntax: STARTTLS"),
             "STARTTLS" => Step::StartTls(b"220 2.0.0 Ready to start TLS\r\n".to_vec()),
             // Credentials never travel in plaintext, whatever the listener says.
@@ -140,9 +138,10 @@ impl Dialogue {
                 Step::PassThrough(line.to_vec())
             }
             // Cross-protocol attempts (ALPACA, HTTP to port 25): no dialogue with them.
-            "GET" | "POST" | "CONNECT" | "PUT" | "HEAD" | "HOST:" => {
-                Step::Close(b"221 2.7.0 Error: I can break rules, too. Goodbye.\r\n".to_vec())
-            }
+            "GET" | "POST" | "CONNECT" | "PUT" | "HEAD" | "HOST:" => Step::Close {
+                reply: b"221 2.7.0 Error: I can break rules, too. Goodbye.\r\n".to_vec(),
+                reason: "cross-protocol command (HTTP)",
+            },
             _ => self.reject("502 5.5.2 Error: command not recognized"),
         }
     }
@@ -150,13 +149,14 @@ impl Dialogue {
     fn reject(&mut self, reply: &str) -> Step {
         self.errors += 1;
         if self.errors >= MAX_ERRORS {
-            return Step::Close(
-                format!(
+            return Step::Close {
+                reply: format!(
                     "{reply}\r\n421 4.7.0 {} Error: too many errors\r\n",
                     self.hostname
                 )
                 .into_bytes(),
-            );
+                reason: "too many errors",
+            };
         }
         Step::Reply(format!("{reply}\r\n").into_bytes())
     }
@@ -198,7 +198,7 @@ mod tests {
 
     fn text(step: &Step) -> String {
         match step {
-            Step::Reply(r) | Step::StartTls(r) | Step::Close(r) => {
+            Step::Reply(r) | Step::StartTls(r) | Step::Quit(r) | Step::Close { reply: r, .. } => {
                 String::from_utf8_lossy(r).into_owned()
             }
             Step::PassThrough(l) => format!("pass {}", String::from_utf8_lossy(l)),
@@ -268,7 +268,7 @@ mod tests {
         assert!(text(&run(&mut d, "HELP")).starts_with("214"));
         assert!(text(&run(&mut d, "HELO x")).starts_with("250 mx.example.test"));
         assert!(text(&run(&mut d, "EHLO")).starts_with("501"));
-        assert!(matches!(run(&mut d, "QUIT"), Step::Close(r) if r.starts_with(b"221")));
+        assert!(matches!(run(&mut d, "QUIT"), Step::Quit(r) if r.starts_with(b"221")));
     }
 
     #[test]
@@ -287,8 +287,9 @@ mod tests {
             assert!(text(&run(&mut d, "FOO")).starts_with("502"));
         }
         match run(&mut d, "FOO") {
-            Step::Close(r) => {
-                let r = String::from_utf8(r).unwrap();
+            Step::Close { reply, reason } => {
+                assert_eq!(reason, "too many errors");
+                let r = String::from_utf8(reply).unwrap();
                 assert!(r.starts_with("502"));
                 assert!(r.contains("\r\n421 4.7.0 "));
             }
@@ -299,6 +300,6 @@ mod tests {
     #[test]
     fn http_is_refused_at_once() {
         let mut d = port25();
-        assert!(matches!(run(&mut d, "GET / HTTP/1.1"), Step::Close(_)));
+        assert!(matches!(run(&mut d, "GET / HTTP/1.1"), Step::Close { .. }));
     }
 }

@@ -97,6 +97,11 @@ pub fn upstream_unavailable(hostname: &str) -> Vec<u8> {
         .into_bytes()
 }
 
+/// `421 4.4.2`: the client sent no command within `command_timeout`.
+pub fn command_timeout(hostname: &str) -> Vec<u8> {
+    format!("421 4.4.2 {hostname} Error: timeout exceeded\r\n").into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -49,22 +49,18 @@ pub struct SmtpStream {
     long_line: bool,
     replies: Vec<u8>,
     pub expects: VecDeque<Expect>,
-    /// STARTTLS commands answered locally.
-    pub starttls_refused: u64,
     starttls_reply: &'static [u8],
 }
 
-/// Our reply to STARTTLS inside a STARTTLS-upgraded session (Postfix's text).
-pub const STARTTLS_AGAIN: &[u8] = b"554 5.5.1 Error: TLS already active\r\n";
-/// Inside an implicit-TLS session (RFC 8314 §3.3: TLS is already on).
-pub const STARTTLS_ON_IMPLICIT: &[u8] = b"554 5.5.1 Error: TLS already active\r\n";
+/// Our reply to STARTTLS inside TLS, upgraded or implicit (Postfix's text; RFC 8314 §3.3).
+pub const STARTTLS_IN_TLS: &[u8] = b"554 5.5.1 Error: TLS already active\r\n";
 /// After a plaintext hand-off: the session can no longer be upgraded.
 pub const STARTTLS_AFTER_HANDOFF: &[u8] =
     b"502 5.5.1 Error: STARTTLS is only available before the first mail command\r\n";
 
 impl Default for SmtpStream {
     fn default() -> Self {
-        Self::new(STARTTLS_AGAIN)
+        Self::new(STARTTLS_IN_TLS)
     }
 }
 
@@ -78,19 +74,12 @@ impl SmtpStream {
             long_line: false,
             replies: Vec::new(),
             expects: VecDeque::new(),
-            starttls_refused: 0,
         }
     }
 
     /// Whether client input may be processed now (false while a DATA reply is awaited).
     pub fn wants_client_input(&self) -> bool {
         self.state != State::AwaitDataReply
-    }
-
-    /// Registers a command forwarded outside `client_bytes` (the first post-TLS command).
-    pub fn forwarded_command(&mut self, line: &[u8]) -> bool {
-        let mut sink = Vec::new();
-        self.command_line(line, &mut sink)
     }
 
     /// Processes client bytes: what to forward goes to `to_upstream`, replies of ours to
@@ -153,7 +142,7 @@ impl SmtpStream {
                             }
                             self.line.extend_from_slice(part);
                             let line = std::mem::take(&mut self.line);
-                            if self.command_line(&line, to_upstream) {
+                            if self.command_line(&line) {
                                 to_upstream.extend_from_slice(&line);
                             }
                         }
@@ -173,14 +162,13 @@ impl SmtpStream {
                     }
                 }
             }
-            self.flush_locals(to_client);
         }
         self.flush_locals(to_client);
         i
     }
 
     /// Classifies one complete command line; returns whether to forward it.
-    fn command_line(&mut self, line: &[u8], _to_upstream: &mut Vec<u8>) -> bool {
+    fn command_line(&mut self, line: &[u8]) -> bool {
         let text = line.trim_ascii();
         let (verb, arg) = match text.iter().position(|&b| b == b' ') {
             Some(sp) => (&text[..sp], text[sp + 1..].trim_ascii()),
@@ -189,7 +177,6 @@ impl SmtpStream {
         let verb = verb.to_ascii_uppercase();
         match verb.as_slice() {
             b"STARTTLS" => {
-                self.starttls_refused += 1;
                 self.expects
                     .push_back(Expect::Local(self.starttls_reply.to_vec()));
                 return false;
@@ -224,11 +211,16 @@ impl SmtpStream {
         self.replies.extend_from_slice(input);
         while let Some(span) = parse_reply(&self.replies)? {
             let reply: Vec<u8> = self.replies.drain(..span.len).collect();
-            match self.expects.pop_front() {
-                Some(Expect::Upstream(ReplyKind::Ehlo)) => {
-                    to_client.extend_from_slice(&strip_starttls(&reply));
-                }
-                Some(Expect::Upstream(ReplyKind::Data)) => {
+            // Replies of ours owed before this one go first; then the front is ours to match.
+            self.flush_locals(to_client);
+            let kind = match self.expects.pop_front() {
+                Some(Expect::Upstream(kind)) => kind,
+                // Unsolicited (e.g. a 421 on the MTA's own timeout).
+                _ => ReplyKind::Other,
+            };
+            match kind {
+                ReplyKind::Ehlo => to_client.extend_from_slice(&strip_starttls(&reply)),
+                ReplyKind::Data => {
                     if self.state == State::AwaitDataReply {
                         self.state = if span.code == 354 {
                             State::Data(2)
@@ -238,18 +230,10 @@ impl SmtpStream {
                     }
                     to_client.extend_from_slice(&reply);
                 }
-                Some(Expect::Local(ours)) => {
-                    // Cannot be at the front here (flushed eagerly); keep order anyway.
-                    to_client.extend_from_slice(&ours);
-                    to_client.extend_from_slice(&reply);
-                }
-                // Unsolicited (e.g. a 421 on the MTA's own timeout) or a normal reply.
-                Some(Expect::Upstream(ReplyKind::Other)) | None => {
-                    to_client.extend_from_slice(&reply);
-                }
+                ReplyKind::Other => to_client.extend_from_slice(&reply),
             }
-            self.flush_locals(to_client);
         }
+        self.flush_locals(to_client);
         Ok(())
     }
 

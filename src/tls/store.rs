@@ -35,7 +35,7 @@ impl KeyKind {
     }
 
     /// PROXY v2 `PP2_SUBTYPE_SSL_KEY_ALG` value, HAProxy style (`EC256`, `RSA2048`).
-    pub fn key_alg(self) -> String {
+    fn key_alg(self) -> String {
         match self {
             KeyKind::Ecdsa { bits } => format!("EC{bits}"),
             KeyKind::Rsa { bits } => format!("RSA{bits}"),
@@ -52,6 +52,8 @@ pub struct ServedCert {
     /// DNS SANs, lowercased; `*.example.org` for wildcards.
     pub names: Vec<String>,
     pub key_kind: KeyKind,
+    /// `key_kind.key_alg()`, computed once: it goes into every PROXY v2 header.
+    pub key_alg: String,
     /// Signature algorithm of the leaf (`ECDSA-SHA256`), for the PROXY SSL TLV.
     pub sig_alg: String,
     /// notAfter as Unix seconds.
@@ -242,6 +244,7 @@ fn describe(certified: CertifiedKey, origin: String) -> Result<ServedCert, Strin
         certified: Arc::new(certified),
         names,
         key_kind,
+        key_alg: key_kind.key_alg(),
         sig_alg,
         not_after,
         origin,

@@ -76,14 +76,16 @@ impl TestPki {
 
     /// Writes the server CA as PEM and returns its path.
     pub fn server_ca_pem(&self) -> PathBuf {
-        let p = self.path("server-ca.pem");
-        std::fs::write(&p, self.server_ca.pem()).unwrap();
-        p
+        self.write_pem("server-ca.pem", &self.server_ca.pem())
     }
 
     pub fn client_ca_pem(&self) -> PathBuf {
-        let p = self.path("client-ca.pem");
-        std::fs::write(&p, self.client_ca.pem()).unwrap();
+        self.write_pem("client-ca.pem", &self.client_ca.pem())
+    }
+
+    fn write_pem(&self, file: &str, pem: &str) -> PathBuf {
+        let p = self.path(file);
+        std::fs::write(&p, pem).unwrap();
         p
     }
 
@@ -806,4 +808,18 @@ pub async fn deliver<S: AsyncRead + AsyncWrite + Unpin>(smtp: &mut Smtp<S>, body
         .await;
     assert!(r.starts_with("250"), "{r}");
     assert!(smtp.cmd("QUIT").await.starts_with("221"));
+}
+
+/// TCP from `local_ip`, then a TLS handshake that must succeed: the stream and the
+/// client's own address (to find its `session_line`).
+pub async fn tls_client(
+    local_ip: &str,
+    to: SocketAddr,
+    config: ClientConfig,
+    sni: Option<&str>,
+) -> (tokio_rustls::client::TlsStream<TcpStream>, SocketAddr) {
+    let tcp = connect_from(local_ip, to).await;
+    let client = tcp.local_addr().unwrap();
+    let tls = tls_handshake(tcp, config, sni).await.unwrap();
+    (tls, client)
 }

@@ -156,35 +156,27 @@ impl Postfix {
 
     /// Stops the instance's master (all its ports close) to simulate an MTA outage.
     pub fn stop_for_outage(&self) {
-        let conf = self.conf_dir();
-        let out = Command::new(POSTFIX)
-            .arg("-c")
-            .arg(&conf)
-            .arg("stop")
-            .output()
-            .expect("run postfix stop");
-        assert!(out.status.success(), "postfix stop: {out:?}");
-        let port = self.proxy_port;
-        assert!(
-            wait_until(Duration::from_secs(30), || !is_listening(port)),
-            "postfix still listening after stop"
-        );
+        self.control("stop", false);
     }
 
     /// Starts the instance again after `stop_for_outage`.
     pub fn restart_after_outage(&self) {
-        let conf = self.conf_dir();
+        self.control("start", true);
+    }
+
+    /// `postfix -c DIR <action>`, then waits (bounded) until the PROXY port is (not) listening.
+    fn control(&self, action: &str, listening: bool) {
         let out = Command::new(POSTFIX)
             .arg("-c")
-            .arg(&conf)
-            .arg("start")
+            .arg(self.conf_dir())
+            .arg(action)
             .output()
-            .expect("run postfix start");
-        assert!(out.status.success(), "postfix start: {out:?}");
+            .expect("run postfix");
+        assert!(out.status.success(), "postfix {action}: {out:?}");
         let port = self.proxy_port;
         assert!(
-            wait_until(Duration::from_secs(30), || is_listening(port)),
-            "postfix not listening after restart"
+            wait_until(Duration::from_secs(30), || is_listening(port) == listening),
+            "postfix {action}: port {port} listening is not {listening}"
         );
     }
 
