@@ -33,6 +33,8 @@
 
 pub mod check;
 pub mod config;
+pub mod io;
+pub mod limits;
 pub mod listener;
 pub mod proxy_header;
 pub mod relay;
@@ -43,3 +45,4 @@ pub mod snapshot;
 pub mod telemetry;
 pub mod tls;
 pub mod upstream;
+pub mod watch;

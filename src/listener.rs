@@ -1,6 +1,7 @@
-//! Accept loop of one listener: it only accepts. Each connection gets the current
-//! snapshot's listener (one load, kept for the session's life), a session id and a span,
-//! and runs in the task tracker. Accept errors (EMFILE...) are logged and backed off.
+//! Accept loop of one listener: it only accepts. Each connection takes the global and the
+//! listener's connection slot (or is refused at once), the current snapshot's listener (one
+//! load, kept for the session's life), a session id and a span, and runs in the task
+//! tracker. Accept errors (EMFILE...) are logged and backed off, never a busy loop.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,19 +12,36 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::session::{self, Peer};
+use crate::limits::{Counter, PerIp};
+use crate::session::{self, Accepted, Peer, SessionReport};
 use crate::snapshot::Snapshot;
 
 /// Pause after a failed accept, so descriptor exhaustion never becomes a busy loop.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// What all accept loops share; lives as long as the process.
+#[derive(Debug)]
+pub struct Shared {
+    pub current: Arc<ArcSwap<Snapshot>>,
+    pub tracker: TaskTracker,
+    /// Cancelled by SIGTERM (sessions in the pre-TLS dialogue answer 421 4.3.0).
+    pub shutdown: CancellationToken,
+    /// Sessions across all listeners.
+    pub global: Arc<Counter>,
+    /// Global maximum when the config sets none: derived from RLIMIT_NOFILE.
+    pub default_max_connections: usize,
+}
+
+/// Accepts until `stop` (SIGTERM, or a reload that removed or moved this listener); the
+/// socket is closed when this returns, sessions already accepted carry on.
 pub async fn serve(
     name: String,
     listener: TcpListener,
-    current: Arc<ArcSwap<Snapshot>>,
-    tracker: TaskTracker,
+    shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
+    let count = Arc::new(Counter::default());
+    let per_ip = Arc::new(PerIp::default());
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -33,23 +51,59 @@ pub async fn serve(
             Ok(ok) => ok,
             Err(e) => {
                 tracing::warn!(listener = %name, error = %e, "accept failed; backing off");
-                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                }
+            }
+        };
+        let snapshot = shared.current.load();
+        let Some(runtime) = snapshot.listeners.get(&name).cloned() else {
+            // Removed by a reload that has not stopped us yet.
+            continue;
+        };
+        let global_max = snapshot
+            .config
+            .max_connections
+            .unwrap_or(shared.default_max_connections);
+        drop(snapshot);
+        let local = tcp.local_addr().unwrap_or(runtime.config.listen);
+        let session_id = session::new_session_id();
+        let slots = match shared.global.try_acquire(global_max) {
+            None => Err("max_connections"),
+            Some(g) => match count.try_acquire(runtime.config.limits.max_connections) {
+                None => Err("listener_max_connections"),
+                Some(l) => Ok((g, l)),
+            },
+        };
+        let (global, listener_slot) = match slots {
+            Ok(slots) => slots,
+            Err(which) => {
+                let mut report =
+                    SessionReport::new(session_id, &name, client, &runtime.upstream.config.name);
+                session::refuse(&tcp, &runtime, &mut report, which);
+                report.emit();
                 continue;
             }
         };
-        let Some(runtime) = current.load().listeners.get(&name).cloned() else {
-            // Removed by a reload that has not unbound us yet.
-            continue;
-        };
-        let local = tcp.local_addr().unwrap_or(runtime.config.listen);
-        let session_id = session::new_session_id();
         let span = tracing::info_span!(
             "session",
             session_id = %session_id,
             listener = %name,
             client = %client
         );
-        tracker
-            .spawn(session::run(tcp, Peer { client, local }, runtime, session_id).instrument(span));
+        let accepted = Accepted {
+            tcp,
+            peer: Peer { client, local },
+            listener: runtime,
+            session_id,
+            global,
+            listener_slot,
+            per_ip: per_ip.clone(),
+            shutdown: shared.shutdown.clone(),
+        };
+        shared
+            .tracker
+            .spawn(session::run(accepted).instrument(span));
     }
 }

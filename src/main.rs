@@ -40,6 +40,15 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     telemetry::init(snapshot.config.log.format, &snapshot.config.log.level);
+    let (nofile, default_max_connections) = smtp_tls_proxy::limits::raise_nofile();
+    tracing::info!(
+        nofile,
+        max_connections = snapshot
+            .config
+            .max_connections
+            .unwrap_or(default_max_connections),
+        "open-file limit"
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -65,7 +74,7 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        server::run(snapshot, bound, signals).await;
+        server::run(snapshot, bound, signals, default_max_connections).await;
         ExitCode::SUCCESS
     })
 }

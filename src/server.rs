@@ -1,6 +1,10 @@
-//! Supervisor: binds the listeners, runs their accept loops, reloads on SIGHUP, and on
-//! SIGTERM/SIGINT stops accepting and lets sessions finish within `shutdown_grace`.
+//! Supervisor: binds the listeners and runs their accept loops; reloads on SIGHUP and on
+//! changed files (the listener set is diffed: new or moved listeners are bound before the
+//! swap, removed ones unbound after it, untouched ones keep their socket); on SIGTERM/SIGINT
+//! stops accepting, answers 421 to sessions still in the pre-TLS dialogue and lets the
+//! others finish within `shutdown_grace`.
 
+use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,10 +13,14 @@ use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::listener::Shared;
 use crate::snapshot::{self, Snapshot};
+use crate::watch::{self, FileWatcher};
 
 /// Listen backlog: bursts of MTAs connecting at once are normal on port 25.
 const BACKLOG: i32 = 1024;
@@ -43,9 +51,16 @@ impl Signals {
 
 /// Binds every listener of the snapshot; the error names the listener.
 pub fn bind_all(snapshot: &Snapshot) -> Result<Vec<Bound>, String> {
-    let mut out = Vec::new();
-    for (name, l) in &snapshot.listeners {
-        let listener = bind(l.config.listen).map_err(|e| {
+    snapshot
+        .listeners
+        .iter()
+        .map(|(name, l)| bind_one(snapshot, name, l.config.listen))
+        .collect()
+}
+
+fn bind_one(snapshot: &Snapshot, name: &str, listen: SocketAddr) -> Result<Bound, String> {
+    {
+        let listener = bind(listen).map_err(|e| {
             let hint = match e.kind() {
                 io::ErrorKind::PermissionDenied => {
                     " (ports below 1024 need root or CAP_NET_BIND_SERVICE, e.g. \
@@ -60,19 +75,17 @@ pub fn bind_all(snapshot: &Snapshot) -> Result<Vec<Bound>, String> {
                 _ => "",
             };
             format!(
-                "{}: listeners.{name}.listen: cannot listen on {}: {e}{hint}",
+                "{}: listeners.{name}.listen: cannot listen on {listen}: {e}{hint}",
                 snapshot.config.path.display(),
-                l.config.listen
             )
         })?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
-        out.push(Bound {
-            name: name.clone(),
+        Ok(Bound {
+            name: name.to_owned(),
             addr,
             listener,
-        });
+        })
     }
-    Ok(out)
 }
 
 fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
@@ -87,58 +100,166 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Runs until SIGTERM/SIGINT, then drains. Returns when the process may exit 0.
-pub async fn run(snapshot: Snapshot, bound: Vec<Bound>, mut signals: Signals) {
-    let grace = snapshot.config.shutdown_grace;
-    let current = Arc::new(ArcSwap::from_pointee(snapshot));
-    let tracker = TaskTracker::new();
-    let stop = CancellationToken::new();
-    let mut accept_loops = Vec::new();
-    for b in bound {
-        tracing::info!(listener = %b.name, address = %b.addr, "listening");
-        accept_loops.push(tokio::spawn(crate::listener::serve(
-            b.name,
-            b.listener,
-            current.clone(),
-            tracker.clone(),
-            stop.child_token(),
-        )));
+/// One bound listener with its accept loop.
+struct Running {
+    /// The configured address (port 0 stays 0), compared on reload.
+    listen: SocketAddr,
+    addr: SocketAddr,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+fn start(
+    shared: &Arc<Shared>,
+    parent: &CancellationToken,
+    b: Bound,
+    listen: SocketAddr,
+) -> Running {
+    tracing::info!(listener = %b.name, address = %b.addr, "listening");
+    let stop = parent.child_token();
+    let task = tokio::spawn(crate::listener::serve(
+        b.name,
+        b.listener,
+        shared.clone(),
+        stop.clone(),
+    ));
+    Running {
+        listen,
+        addr: b.addr,
+        stop,
+        task,
     }
+}
+
+/// Runs until SIGTERM/SIGINT, then drains. Returns when the process may exit 0.
+pub async fn run(
+    snapshot: Snapshot,
+    bound: Vec<Bound>,
+    mut signals: Signals,
+    default_max_connections: usize,
+) {
+    let grace = snapshot.config.shutdown_grace;
+    let shared = Arc::new(Shared {
+        current: Arc::new(ArcSwap::from_pointee(snapshot)),
+        tracker: TaskTracker::new(),
+        shutdown: CancellationToken::new(),
+        global: Arc::default(),
+        default_max_connections,
+    });
+    let stop_all = CancellationToken::new();
+    let mut running = BTreeMap::new();
+    for b in bound {
+        let listen = shared.current.load().listeners[&b.name].config.listen;
+        running.insert(b.name.clone(), start(&shared, &stop_all, b, listen));
+    }
+    let (tx, mut changes) = mpsc::unbounded_channel();
+    let mut watcher = match FileWatcher::start(tx) {
+        Ok(mut w) => {
+            w.watch(watch::files_of(&shared.current.load().config));
+            Some(w)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot watch files; reload with SIGHUP");
+            None
+        }
+    };
     tracing::info!("ready");
     loop {
-        tokio::select! {
+        let cause = tokio::select! {
             _ = signals.term.recv() => break,
             _ = signals.int.recv() => break,
-            _ = signals.hup.recv() => reload(&current),
-        }
+            _ = signals.hup.recv() => "SIGHUP",
+            Some(()) = changes.recv() => {
+                while changes.try_recv().is_ok() {}
+                "file change"
+            }
+        };
+        reload(&shared, &stop_all, &mut running, watcher.as_mut(), cause).await;
     }
     tracing::info!(
         grace_ms = grace.as_millis() as u64,
-        sessions = tracker.len(),
+        sessions = shared.tracker.len(),
         "shutting down: no new connections"
     );
-    stop.cancel();
-    for l in accept_loops {
-        let _ = l.await;
+    drop(watcher);
+    stop_all.cancel();
+    for (_, r) in running {
+        let _ = r.task.await;
     }
-    tracker.close();
-    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+    // Sessions still in the pre-TLS dialogue answer 421 4.3.0 and close.
+    shared.shutdown.cancel();
+    shared.tracker.close();
+    if tokio::time::timeout(grace, shared.tracker.wait())
+        .await
+        .is_err()
+    {
         tracing::warn!(
-            sessions = tracker.len(),
+            sessions = shared.tracker.len(),
             "shutdown grace elapsed; cutting remaining sessions"
         );
     }
     tracing::info!("stopped");
 }
 
-/// Load + validate + build, then swap; on any error the old snapshot keeps serving.
-fn reload(current: &ArcSwap<Snapshot>) {
-    let path = current.load().config.path.clone();
-    match crate::config::load(&path).and_then(snapshot::build) {
-        Ok(next) => {
-            current.store(Arc::new(next));
-            tracing::info!(config = %path.display(), "reloaded");
-        }
-        Err(e) => tracing::error!(error = %e, "reload failed; keeping the previous configuration"),
+/// Load + validate + build + bind what is new, then swap and unbind what is gone. On any
+/// error the old snapshot and every old listener keep serving.
+async fn reload(
+    shared: &Arc<Shared>,
+    stop_all: &CancellationToken,
+    running: &mut BTreeMap<String, Running>,
+    watcher: Option<&mut FileWatcher>,
+    cause: &str,
+) {
+    let path = shared.current.load().config.path.clone();
+    let config = match crate::config::load(&path) {
+        Ok(c) => c,
+        Err(e) => return reload_failed(cause, &e.to_string()),
+    };
+    if let Some(w) = watcher {
+        // Also the new config's files: a certificate path that does not exist yet is
+        // picked up as soon as it appears.
+        let mut files = watch::files_of(&config);
+        files.extend(watch::files_of(&shared.current.load().config));
+        w.watch(files);
     }
+    let next = match snapshot::build(config) {
+        Ok(n) => n,
+        Err(e) => return reload_failed(cause, &e.to_string()),
+    };
+    let mut fresh = Vec::new();
+    for (name, l) in &next.listeners {
+        if running.get(name).map(|r| r.listen) == Some(l.config.listen) {
+            continue;
+        }
+        match bind_one(&next, name, l.config.listen) {
+            Ok(b) => fresh.push((b, l.config.listen)),
+            Err(e) => return reload_failed(cause, &e),
+        }
+    }
+    let names: Vec<String> = next.listeners.keys().cloned().collect();
+    shared.current.store(Arc::new(next));
+    let gone: Vec<String> = running
+        .iter()
+        .filter(|(name, _)| !names.contains(name) || fresh.iter().any(|(b, _)| &b.name == *name))
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in gone {
+        if let Some(r) = running.remove(&name) {
+            r.stop.cancel();
+            let _ = r.task.await;
+            tracing::info!(listener = %name, address = %r.addr, "stopped listening; its sessions carry on");
+        }
+    }
+    for (b, listen) in fresh {
+        running.insert(b.name.clone(), start(shared, stop_all, b, listen));
+    }
+    tracing::info!(config = %path.display(), cause, "reloaded");
+}
+
+fn reload_failed(cause: &str, error: &str) {
+    tracing::error!(
+        cause,
+        error,
+        "reload failed; keeping the previous configuration"
+    );
 }

@@ -19,6 +19,9 @@ pub struct FileConfig {
     /// How long SIGTERM waits for sessions in flight.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
+    /// Sessions across all listeners; default: what RLIMIT_NOFILE allows.
+    #[serde(default)]
+    pub max_connections: Option<usize>,
     #[serde(default)]
     pub upstreams: BTreeMap<String, UpstreamFile>,
     #[serde(default)]

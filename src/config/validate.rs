@@ -23,6 +23,8 @@ pub struct Config {
     pub log: LogConfig,
     pub metrics_listen: Option<SocketAddr>,
     pub shutdown_grace: Duration,
+    /// Global session limit; `None`: derived from RLIMIT_NOFILE at start.
+    pub max_connections: Option<usize>,
     pub upstreams: BTreeMap<String, Arc<UpstreamConfig>>,
     pub certificates: Vec<CertificateSource>,
     pub listeners: BTreeMap<String, ListenerConfig>,
@@ -124,6 +126,9 @@ pub(super) fn validate(path: &Path, file: FileConfig) -> Result<Config, ConfigEr
             "no certificate configured (add `- self_signed: [localhost]` for a test setup)".into(),
         ));
     }
+    if file.max_connections == Some(0) {
+        return Err(err("max_connections".into(), "must be at least 1".into()));
+    }
     tracing_level_is_valid(&file.log.level).map_err(|reason| err("log.level".into(), reason))?;
 
     Ok(Config {
@@ -134,6 +139,7 @@ pub(super) fn validate(path: &Path, file: FileConfig) -> Result<Config, ConfigEr
         },
         metrics_listen: file.metrics.map(|m| m.listen),
         shutdown_grace: file.shutdown_grace,
+        max_connections: file.max_connections,
         upstreams,
         certificates,
         listeners,

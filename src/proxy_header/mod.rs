@@ -1,3 +1,5 @@
-//! PROXY protocol: the header written towards the upstream (`outbound`).
+//! PROXY protocol: the header written towards the upstream (`outbound`) and the one read
+//! from trusted load balancers (`inbound`).
 
+pub mod inbound;
 pub mod outbound;

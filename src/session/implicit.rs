@@ -1,8 +1,8 @@
 //! Implicit TLS (port 465): handshake first, then the upstream with a PROXY header carrying
 //! the TLS facts, its greeting forwarded unchanged, then the relay.
 
+use crate::io::ClientIo;
 use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 
 use super::{Outcome, Peer, SessionReport, Transport, proxy_header, write_reply};
 use crate::relay;
@@ -10,7 +10,7 @@ use crate::smtp::stream::{STARTTLS_IN_TLS, SmtpStream};
 use crate::snapshot::ListenerRuntime;
 use crate::upstream;
 
-pub async fn run(tcp: TcpStream, peer: Peer, l: &ListenerRuntime, report: &mut SessionReport) {
+pub async fn run(tcp: ClientIo, peer: Peer, l: &ListenerRuntime, report: &mut SessionReport) {
     let limits = &l.config.limits;
     let Some(mut client) = super::handshake(tcp, l, report, Transport::Implicit).await else {
         return;

@@ -5,15 +5,21 @@ pub mod implicit;
 pub mod report;
 pub mod starttls;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ipnet::IpNet;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
 
 use crate::config::{Mode, ProxyVersion};
+use crate::io::ClientIo;
+use crate::limits::{PerIp, Permits, Slot};
+use crate::proxy_header::inbound;
 use crate::proxy_header::outbound::{self, ClientCertHeader, TlsHeaderFacts};
+use crate::smtp::reply;
 use crate::snapshot::ListenerRuntime;
 use crate::tls::client_auth::ClientVerify;
 pub use report::{Outcome, SessionReport, Transport};
@@ -28,30 +34,107 @@ pub struct Peer {
     pub local: SocketAddr,
 }
 
+/// What the accept loop hands to a session task.
+pub struct Accepted {
+    pub tcp: TcpStream,
+    /// The socket's addresses (before any inbound PROXY header).
+    pub peer: Peer,
+    pub listener: Arc<ListenerRuntime>,
+    pub session_id: String,
+    /// Global and listener slots, taken at accept; the per-IP slot is taken here.
+    pub global: Slot,
+    pub listener_slot: Slot,
+    pub per_ip: Arc<PerIp>,
+    /// Cancelled by SIGTERM: sessions still in the pre-TLS dialogue get `421 4.3.0`.
+    pub shutdown: CancellationToken,
+}
+
 /// Runs a session to its end and emits its summary line.
-pub async fn run(tcp: TcpStream, peer: Peer, listener: Arc<ListenerRuntime>, session_id: String) {
+pub async fn run(a: Accepted) {
+    let Accepted {
+        tcp,
+        mut peer,
+        listener,
+        session_id,
+        global,
+        listener_slot,
+        per_ip,
+        shutdown,
+    } = a;
     let _ = tcp.set_nodelay(true);
+    let cfg = &listener.config;
     let mut report = SessionReport::new(
         session_id,
-        &listener.config.name,
+        &cfg.name,
         peer.client,
         &listener.upstream.config.name,
     );
-    match listener.config.mode {
-        Mode::Implicit => implicit::run(tcp, peer, &listener, &mut report).await,
-        Mode::Starttls => starttls::run(tcp, peer, &listener, &mut report).await,
+    let mut tcp = tcp;
+    let mut rest = Vec::new();
+    if trusted_balancer(&cfg.accept_proxy_protocol, peer.client.ip()) {
+        match inbound::read(&mut tcp, cfg.limits.handshake_timeout).await {
+            Ok((carried, after)) => {
+                if let Some((client, local)) = carried {
+                    report.via = Some(peer.client);
+                    report.client = client;
+                    peer = Peer { client, local };
+                    tracing::Span::current().record("client", tracing::field::display(client));
+                }
+                rest = after;
+            }
+            Err(e) => {
+                report.outcome = Outcome::ProtocolError(e.to_string());
+                report.emit();
+                return;
+            }
+        }
+    }
+    let Some(ip_slot) = per_ip.try_acquire(peer.client.ip(), cfg.limits.per_ip) else {
+        refuse(&tcp, &listener, &mut report, "per_ip");
+        report.emit();
+        return;
+    };
+    let _permits = Permits {
+        global,
+        listener: listener_slot,
+        ip: Some(ip_slot),
+    };
+    let client = ClientIo::new(tcp, rest);
+    match cfg.mode {
+        Mode::Implicit => implicit::run(client, peer, &listener, &mut report).await,
+        Mode::Starttls => starttls::run(client, peer, &listener, &mut report, &shutdown).await,
     }
     report.emit();
+}
+
+/// Whether `ip` may (and must) send an inbound PROXY header.
+fn trusted_balancer(cidrs: &[IpNet], ip: IpAddr) -> bool {
+    let ip = ip.to_canonical();
+    cidrs.iter().any(|net| net.contains(&ip))
+}
+
+/// Refuses a connection over a limit: `421 4.7.0` on STARTTLS listeners (written without
+/// waiting: a fresh socket's send buffer has room), a bare close on implicit ones.
+pub fn refuse(
+    tcp: &TcpStream,
+    l: &ListenerRuntime,
+    report: &mut SessionReport,
+    which: &'static str,
+) {
+    if l.config.mode == Mode::Starttls {
+        let _ = tcp.try_write(&reply::too_many_connections(&l.config.hostname));
+    }
+    report.outcome = Outcome::Limit(which);
 }
 
 /// The server handshake under `handshake_timeout`; on failure the outcome is set and
 /// `None` returned, on success the TLS facts and transport are in the report.
 pub async fn handshake(
-    tcp: TcpStream,
+    tcp: ClientIo,
     l: &ListenerRuntime,
     report: &mut SessionReport,
     transport: Transport,
-) -> Option<tokio_rustls::server::TlsStream<TcpStream>> {
+) -> Option<tokio_rustls::server::TlsStream<ClientIo>> {
     match crate::tls::accept(tcp, &l.tls, l.config.limits.handshake_timeout).await {
         Ok((stream, facts)) => {
             report.transport = transport;

@@ -3,9 +3,10 @@
 //! CVE-2011-0411) or hands the plaintext session to the upstream (greeting consumed,
 //! EHLO/HELO replayed, the pending command and everything after it forwarded).
 
+use crate::io::ClientIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 use tokio::time::timeout;
+use tokio_util::sync::CancellationToken;
 
 use super::{Outcome, Peer, SessionReport, Transport, proxy_header, write_reply};
 use crate::relay;
@@ -21,7 +22,13 @@ const DIALOGUE_READ: usize = 1024;
 /// First byte of a TLS handshake record: an implicit-TLS client on a STARTTLS port.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
-pub async fn run(mut tcp: TcpStream, peer: Peer, l: &ListenerRuntime, report: &mut SessionReport) {
+pub async fn run(
+    mut tcp: ClientIo,
+    peer: Peer,
+    l: &ListenerRuntime,
+    report: &mut SessionReport,
+    shutdown: &CancellationToken,
+) {
     let cfg = &l.config;
     let mut dialogue = Dialogue::new(
         &cfg.hostname,
@@ -39,7 +46,17 @@ pub async fn run(mut tcp: TcpStream, peer: Peer, l: &ListenerRuntime, report: &m
             if let Some(e) = reader.next_event() {
                 break e;
             }
-            let n = match timeout(cfg.limits.command_timeout, tcp.read(&mut chunk)).await {
+            let read = tokio::select! {
+                () = shutdown.cancelled() => {
+                    // Still in cleartext, nothing relayed: the sender retries elsewhere or later.
+                    let _ = write_reply(&mut tcp, &reply::shutting_down(&cfg.hostname)).await;
+                    let _ = tcp.shutdown().await;
+                    report.outcome = Outcome::Shutdown;
+                    return;
+                }
+                read = timeout(cfg.limits.command_timeout, tcp.read(&mut chunk)) => read,
+            };
+            let n = match read {
                 Err(_) => {
                     let _ = write_reply(&mut tcp, &reply::command_timeout(&cfg.hostname)).await;
                     report.outcome = Outcome::Timeout("command");
@@ -102,7 +119,7 @@ pub async fn run(mut tcp: TcpStream, peer: Peer, l: &ListenerRuntime, report: &m
 }
 
 /// After `220 Ready to start TLS`: handshake, the client's first command, then the upstream.
-async fn upgraded(tcp: TcpStream, peer: Peer, l: &ListenerRuntime, report: &mut SessionReport) {
+async fn upgraded(tcp: ClientIo, peer: Peer, l: &ListenerRuntime, report: &mut SessionReport) {
     let cfg = &l.config;
     let Some(mut client) = super::handshake(tcp, l, report, Transport::Starttls).await else {
         return;
@@ -147,7 +164,7 @@ async fn upgraded(tcp: TcpStream, peer: Peer, l: &ListenerRuntime, report: &mut 
 
 /// Port 25 without STARTTLS: one coherent plaintext session through the upstream.
 async fn plaintext(
-    mut tcp: TcpStream,
+    mut tcp: ClientIo,
     peer: Peer,
     l: &ListenerRuntime,
     report: &mut SessionReport,

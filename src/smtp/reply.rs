@@ -102,6 +102,16 @@ pub fn command_timeout(hostname: &str) -> Vec<u8> {
     format!("421 4.4.2 {hostname} Error: timeout exceeded\r\n").into_bytes()
 }
 
+/// `421 4.7.0`: a connection limit (global, listener or per client address) is reached.
+pub fn too_many_connections(hostname: &str) -> Vec<u8> {
+    format!("421 4.7.0 {hostname} Too many connections, try again later\r\n").into_bytes()
+}
+
+/// `421 4.3.0`: SIGTERM reached a session still in the pre-TLS dialogue.
+pub fn shutting_down(hostname: &str) -> Vec<u8> {
+    format!("421 4.3.0 {hostname} Service shutting down, try again later\r\n").into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,213 @@
+//! Inbound PROXY v1/v2 from a trusted load balancer (`accept_proxy_protocol`). Parsing is
+//! `ppp`'s; this module only frames it: how much to read, when to give up, and which
+//! addresses the session takes. Bytes after the header are returned for the next layer
+//! (the TLS ClientHello or the first SMTP command may arrive in the same segment).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ppp::{HeaderResult, PartialResult, v1, v2};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// v2 allows 16 + 65535 bytes; load balancers send a few dozen. Anything bigger is refused
+/// rather than buffered.
+pub const MAX_INBOUND_HEADER: usize = 4096;
+const V1_PREFIX: &[u8] = b"PROXY ";
+const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+
+/// The addresses a header carries; `None` for v2 LOCAL, v1 UNKNOWN and non-IP families
+/// (the connection's own addresses apply, as the PROXY specification says).
+pub type Carried = Option<(SocketAddr, SocketAddr)>;
+
+/// What a buffer holds so far.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    Incomplete,
+    /// A whole header of `len` bytes.
+    Done {
+        carried: Carried,
+        len: usize,
+    },
+    Invalid(String),
+}
+
+/// Parses the start of `buf`. Pure: the fuzz target and the tests drive it directly.
+pub fn parse(buf: &[u8]) -> Parsed {
+    let n = buf.len().min(V2_SIGNATURE.len());
+    let maybe_v2 = buf[..n] == V2_SIGNATURE[..n];
+    let m = buf.len().min(V1_PREFIX.len());
+    let maybe_v1 = buf[..m] == V1_PREFIX[..m];
+    if !maybe_v1 && !maybe_v2 {
+        return Parsed::Invalid("no PROXY header from a load balancer that must send one".into());
+    }
+    let result = HeaderResult::parse(buf);
+    if result.is_incomplete() {
+        // ppp calls a v1 line with missing fields "incomplete" even when its CRLF is there.
+        let v1_line_ended = maybe_v1 && buf.windows(2).any(|w| w == b"\r\n");
+        return if v1_line_ended {
+            Parsed::Invalid("PROXY v1: malformed header line".into())
+        } else if buf.len() >= MAX_INBOUND_HEADER {
+            Parsed::Invalid(format!(
+                "PROXY header longer than {MAX_INBOUND_HEADER} bytes"
+            ))
+        } else {
+            Parsed::Incomplete
+        };
+    }
+    match result {
+        HeaderResult::V1(Ok(h)) => Parsed::Done {
+            carried: match h.addresses {
+                v1::Addresses::Tcp4(a) => Some((
+                    SocketAddr::from((a.source_address, a.source_port)),
+                    SocketAddr::from((a.destination_address, a.destination_port)),
+                )),
+                v1::Addresses::Tcp6(a) => Some((
+                    SocketAddr::from((a.source_address, a.source_port)),
+                    SocketAddr::from((a.destination_address, a.destination_port)),
+                )),
+                v1::Addresses::Unknown => None,
+            },
+            len: h.header.len(),
+        },
+        HeaderResult::V2(Ok(h)) => {
+            if h.len() > MAX_INBOUND_HEADER {
+                return Parsed::Invalid(format!(
+                    "PROXY header longer than {MAX_INBOUND_HEADER} bytes"
+                ));
+            }
+            let carried = match (h.command, h.addresses) {
+                (v2::Command::Proxy, v2::Addresses::IPv4(a)) => Some((
+                    SocketAddr::from((a.source_address, a.source_port)),
+                    SocketAddr::from((a.destination_address, a.destination_port)),
+                )),
+                (v2::Command::Proxy, v2::Addresses::IPv6(a)) => Some((
+                    SocketAddr::from((a.source_address, a.source_port)),
+                    SocketAddr::from((a.destination_address, a.destination_port)),
+                )),
+                _ => None,
+            };
+            Parsed::Done {
+                carried,
+                len: h.len(),
+            }
+        }
+        HeaderResult::V1(Err(e)) => Parsed::Invalid(format!("PROXY v1: {e}")),
+        HeaderResult::V2(Err(e)) => Parsed::Invalid(format!("PROXY v2: {e}")),
+    }
+}
+
+/// Why no header could be read.
+#[derive(Debug, thiserror::Error)]
+pub enum InboundError {
+    #[error("timeout waiting for the PROXY header")]
+    Timeout,
+    #[error("closed before a complete PROXY header")]
+    Closed,
+    #[error("{0}")]
+    Invalid(String),
+    #[error("reading the PROXY header: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads one header within `limit`. Returns the carried addresses and the bytes that
+/// followed the header in what was read.
+pub async fn read<R: AsyncRead + Unpin>(
+    r: &mut R,
+    limit: Duration,
+) -> Result<(Carried, Vec<u8>), InboundError> {
+    let work = async {
+        let mut buf = Vec::with_capacity(256);
+        let mut chunk = [0u8; 512];
+        loop {
+            let n = r.read(&mut chunk).await?;
+            if n == 0 {
+                return Err(InboundError::Closed);
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            match parse(&buf) {
+                Parsed::Incomplete => continue,
+                Parsed::Invalid(reason) => return Err(InboundError::Invalid(reason)),
+                Parsed::Done { carried, len } => return Ok((carried, buf.split_off(len))),
+            }
+        }
+    };
+    tokio::time::timeout(limit, work)
+        .await
+        .unwrap_or(Err(InboundError::Timeout))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy_header::outbound;
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn v1_with_trailing_bytes() {
+        let mut input = b"PROXY TCP4 192.0.2.7 198.51.100.1 40000 25\r\n".to_vec();
+        let header_len = input.len();
+        input.extend_from_slice(b"EHLO x\r\n");
+        assert_eq!(
+            parse(&input),
+            Parsed::Done {
+                carried: Some((addr("192.0.2.7:40000"), addr("198.51.100.1:25"))),
+                len: header_len
+            }
+        );
+        assert_eq!(parse(&input[..10]), Parsed::Incomplete);
+    }
+
+    #[test]
+    fn v2_from_our_own_encoder_round_trips() {
+        let h = outbound::encode_v2(
+            addr("[2001:db8::7]:40000"),
+            addr("[2001:db8::1]:465"),
+            "id",
+            None,
+        );
+        for cut in 0..h.len() {
+            assert_eq!(parse(&h[..cut]), Parsed::Incomplete, "cut at {cut}");
+        }
+        let mut input = h.clone();
+        input.push(0x16);
+        assert_eq!(
+            parse(&input),
+            Parsed::Done {
+                carried: Some((addr("[2001:db8::7]:40000"), addr("[2001:db8::1]:465"))),
+                len: h.len()
+            }
+        );
+    }
+
+    #[test]
+    fn v2_local_carries_nothing() {
+        let h = outbound::encode_v2_local();
+        assert_eq!(
+            parse(&h),
+            Parsed::Done {
+                carried: None,
+                len: h.len()
+            }
+        );
+    }
+
+    #[test]
+    fn anything_else_is_refused_at_once() {
+        assert!(matches!(parse(b"EHLO x\r\n"), Parsed::Invalid(_)));
+        assert!(matches!(parse(&[0x16, 0x03, 0x01]), Parsed::Invalid(_)));
+        assert!(matches!(
+            parse(b"PROXY TCP4 garbage\r\n"),
+            Parsed::Invalid(_)
+        ));
+    }
+
+    #[test]
+    fn endless_v1_is_refused_not_buffered() {
+        let mut input = b"PROXY TCP4 ".to_vec();
+        input.resize(MAX_INBOUND_HEADER, b'1');
+        assert!(matches!(parse(&input), Parsed::Invalid(_)));
+    }
+}
