@@ -82,6 +82,7 @@ pub async fn serve(
                 let mut report =
                     SessionReport::new(session_id, &name, client, &runtime.upstream.config.name);
                 session::refuse(&tcp, &runtime, &mut report, which);
+                drop(tcp);
                 report.emit();
                 continue;
             }

@@ -83,6 +83,7 @@ pub async fn run(a: Accepted) {
                 rest = after;
             }
             Err(e) => {
+                drop((global, listener_slot, tcp));
                 report.outcome = Outcome::ProtocolError(e.to_string());
                 report.emit();
                 return;
@@ -91,10 +92,11 @@ pub async fn run(a: Accepted) {
     }
     let Some(ip_slot) = per_ip.try_acquire(peer.client.ip(), cfg.limits.per_ip) else {
         refuse(&tcp, &listener, &mut report, "per_ip");
+        drop((global, listener_slot, tcp));
         report.emit();
         return;
     };
-    let _permits = Permits {
+    let permits = Permits {
         global,
         listener: listener_slot,
         ip: Some(ip_slot),
@@ -104,6 +106,9 @@ pub async fn run(a: Accepted) {
         Mode::Implicit => implicit::run(client, peer, &listener, &mut report).await,
         Mode::Starttls => starttls::run(client, peer, &listener, &mut report, &shutdown).await,
     }
+    // Slots are free (and sockets closed) before the line is out: whoever reads the log
+    // may rely on it.
+    drop(permits);
     report.emit();
 }
 

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 
 use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
@@ -179,19 +179,39 @@ fn load_files(
     describe(certified, cert_path.display().to_string()).map_err(|r| (cert_key, r))
 }
 
+/// A generated self-signed certificate and its PKCS#8 key.
+type Generated = (CertificateDer<'static>, Vec<u8>);
+
 fn self_signed(
     index: usize,
     names: &[String],
     provider: &CryptoProvider,
 ) -> Result<ServedCert, KeyedError> {
     let key = format!("certificates.{index}.self_signed");
-    // ECDSA P-256, the cheapest handshake; valid for rcgen's default period.
-    let generated = rcgen::generate_simple_self_signed(names.to_vec())
-        .map_err(|e| (key.clone(), format!("cannot generate: {e}")))?;
-    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(
-        generated.signing_key.serialize_der(),
-    ));
-    let certified = CertifiedKey::from_der(vec![generated.cert.der().clone()], der, provider)
+    // Generated once per name list and process: a reload (or a spurious file event) must
+    // not change the certificate clients see.
+    static GENERATED: OnceLock<Mutex<HashMap<Vec<String>, Generated>>> = OnceLock::new();
+    let mut cache = GENERATED
+        .get_or_init(Mutex::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let (cert_der, key_der) = match cache.get(names) {
+        Some(entry) => entry.clone(),
+        None => {
+            // ECDSA P-256, the cheapest handshake; valid for rcgen's default period.
+            let generated = rcgen::generate_simple_self_signed(names.to_vec())
+                .map_err(|e| (key.clone(), format!("cannot generate: {e}")))?;
+            let entry = (
+                generated.cert.der().clone(),
+                generated.signing_key.serialize_der(),
+            );
+            cache.insert(names.to_vec(), entry.clone());
+            entry
+        }
+    };
+    drop(cache);
+    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der));
+    let certified = CertifiedKey::from_der(vec![cert_der], der, provider)
         .map_err(|e| (key.clone(), format!("cannot load generated key: {e}")))?;
     describe(certified, "self-signed".to_owned()).map_err(|r| (key, r))
 }

@@ -259,6 +259,66 @@ impl RunningProxy {
         }
     }
 
+    /// How many log events match so far.
+    pub fn count_logs(&self, pred: impl Fn(&Value) -> bool) -> usize {
+        self.logs.lock().unwrap().iter().filter(|v| pred(v)).count()
+    }
+
+    /// Polls (bounded by `within`) until at least `n` log events match; returns the n-th.
+    pub async fn wait_for_nth_log(
+        &self,
+        n: usize,
+        within: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let found: Vec<Value> = self
+                .logs
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|v| pred(v))
+                .cloned()
+                .collect();
+            if found.len() >= n {
+                return found[n - 1].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "fewer than {n} matching log events in {within:?}:\n{}",
+                self.log_text()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits for the `n`-th `reloaded` event (the first reload is n = 1).
+    pub async fn wait_reloaded(&self, n: usize) -> Value {
+        self.wait_for_nth_log(n, IO_TIMEOUT, |v| v["message"] == "reloaded")
+            .await
+    }
+
+    /// The address a listener was (last) bound to, waiting for its `listening` event.
+    pub async fn listening_addr(&self, listener: &str) -> SocketAddr {
+        self.wait_for_log(|v| v["message"] == "listening" && v["listener"] == listener)
+            .await;
+        let last = self
+            .logs()
+            .into_iter()
+            .rev()
+            .find(|v| v["message"] == "listening" && v["listener"] == listener)
+            .unwrap();
+        last["address"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// Open file descriptors of the proxy process.
+    pub fn fd_count(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .unwrap()
+            .count()
+    }
+
     /// The summary line of the session whose client port is `client`.
     pub async fn session_line(&self, client: SocketAddr) -> Value {
         let c = client.to_string();
@@ -808,6 +868,12 @@ pub async fn deliver<S: AsyncRead + AsyncWrite + Unpin>(smtp: &mut Smtp<S>, body
         .await;
     assert!(r.starts_with("250"), "{r}");
     assert!(smtp.cmd("QUIT").await.starts_with("221"));
+}
+
+/// Closes with a TCP RST (SO_LINGER 0): what a crashed or killed client looks like.
+pub fn abort(tcp: TcpStream) {
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+    drop(tcp);
 }
 
 /// TCP from `local_ip`, then a TLS handshake that must succeed: the stream and the
