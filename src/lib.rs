@@ -10,13 +10,16 @@
 //!   mirror, `validate` the cross-checks; errors read `file: key.path: reason`.
 //! - [`snapshot`] — validated config + what is built from it (certificate store, per-listener
 //!   TLS configs, upstream connectors); the unit of reload.
-//! - [`server`] — binds listeners, signals (SIGHUP reload, SIGTERM drain).
-//! - [`listener`] — accept loop: only accepts, spawns [`session::run`] under a span.
+//! - [`server`] — binds listeners, signals (SIGHUP reload, SIGTERM drain), reload with a
+//!   listener diff; [`watch`] turns file changes into reloads.
+//! - [`listener`] — accept loop: takes the global/listener slots ([`limits`]), spawns
+//!   [`session::run`] under a span.
 //! - [`session`] — one connection: `implicit` (handshake -> upstream -> relay); `report`
 //!   is the one summary line per session.
 //! - [`tls`] — `store` (certificates by name), `resolve` (SNI -> certificate, pure),
 //!   `accept` (ClientHello -> decision -> handshake -> facts), `client_auth`, `upstream`.
-//! - [`proxy_header`] — PROXY v1/v2 towards the MTA, within Postfix's 536-byte limit.
+//! - [`proxy_header`] — PROXY v1/v2 towards the MTA, within Postfix's 536-byte limit;
+//!   `inbound` reads it from trusted load balancers; [`io::Prefixed`] replays what followed.
 //! - [`upstream`] — connect, header, optional TLS, greeting, all under `connect_timeout`.
 //! - [`relay`] — both directions, half-close, idle timeout, byte counts.
 //! - [`smtp`] — pure SMTP pieces (reply parsing, our replies).
