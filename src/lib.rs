@@ -36,9 +36,12 @@
 
 pub mod check;
 pub mod config;
+pub mod health;
+pub mod http;
 pub mod io;
 pub mod limits;
 pub mod listener;
+pub mod metrics;
 pub mod proxy_header;
 pub mod relay;
 pub mod server;

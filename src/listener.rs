@@ -67,6 +67,12 @@ pub async fn serve(
             .max_connections
             .unwrap_or(shared.default_max_connections);
         drop(snapshot);
+        crate::metrics::metrics()
+            .connections
+            .get_or_create(&crate::metrics::ListenerLabel {
+                listener: name.clone(),
+            })
+            .inc();
         let local = tcp.local_addr().unwrap_or(runtime.config.listen);
         let session_id = session::new_session_id();
         let slots = match shared.global.try_acquire(global_max) {

@@ -74,7 +74,21 @@ fn main() -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        server::run(snapshot, bound, signals, default_max_connections).await;
+        let metrics_listener = match server::bind_metrics(&snapshot) {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::from(1);
+            }
+        };
+        server::run(
+            snapshot,
+            bound,
+            metrics_listener,
+            signals,
+            default_max_connections,
+        )
+        .await;
         ExitCode::SUCCESS
     })
 }

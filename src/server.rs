@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -18,7 +19,10 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::health::Health;
+use crate::http::Status;
 use crate::listener::Shared;
+use crate::metrics::metrics;
 use crate::snapshot::{self, Snapshot};
 use crate::watch::{self, FileWatcher};
 
@@ -131,14 +135,33 @@ fn start(
     }
 }
 
+/// Binds `metrics.listen` if configured; the error names the key.
+pub fn bind_metrics(snapshot: &Snapshot) -> Result<Option<(TcpListener, SocketAddr)>, String> {
+    let Some(addr) = snapshot.config.metrics_listen else {
+        return Ok(None);
+    };
+    let listener = bind(addr).map_err(|e| {
+        format!(
+            "{}: metrics.listen: cannot listen on {addr}: {e}",
+            snapshot.config.path.display()
+        )
+    })?;
+    let bound = listener.local_addr().map_err(|e| e.to_string())?;
+    Ok(Some((listener, bound)))
+}
+
 /// Runs until SIGTERM/SIGINT, then drains. Returns when the process may exit 0.
 pub async fn run(
     snapshot: Snapshot,
     bound: Vec<Bound>,
+    metrics_listener: Option<(TcpListener, SocketAddr)>,
     mut signals: Signals,
     default_max_connections: usize,
 ) {
     let grace = snapshot.config.shutdown_grace;
+    let health = Arc::new(Health::default());
+    health.sync(&snapshot);
+    metrics().certificates(&snapshot.store);
     let shared = Arc::new(Shared {
         current: Arc::new(ArcSwap::from_pointee(snapshot)),
         tracker: TaskTracker::new(),
@@ -163,6 +186,20 @@ pub async fn run(
             None
         }
     };
+    let status = Arc::new(Status {
+        current: shared.current.clone(),
+        health: health.clone(),
+        serving: AtomicBool::new(true),
+    });
+    let http_stop = CancellationToken::new();
+    if let Some((listener, addr)) = metrics_listener {
+        tracing::info!(address = %addr, "metrics listening");
+        tokio::spawn(crate::http::serve(
+            listener,
+            status.clone(),
+            http_stop.clone(),
+        ));
+    }
     tracing::info!("ready");
     loop {
         let cause = tokio::select! {
@@ -174,8 +211,17 @@ pub async fn run(
                 "file change"
             }
         };
-        reload(&shared, &stop_all, &mut running, watcher.as_mut(), cause).await;
+        reload(
+            &shared,
+            &health,
+            &stop_all,
+            &mut running,
+            watcher.as_mut(),
+            cause,
+        )
+        .await;
     }
+    status.serving.store(false, Ordering::Release);
     tracing::info!(
         grace_ms = grace.as_millis() as u64,
         sessions = shared.tracker.len(),
@@ -198,6 +244,8 @@ pub async fn run(
             "shutdown grace elapsed; cutting remaining sessions"
         );
     }
+    http_stop.cancel();
+    drop(health);
     tracing::info!("stopped");
 }
 
@@ -205,6 +253,7 @@ pub async fn run(
 /// error the old snapshot and every old listener keep serving.
 async fn reload(
     shared: &Arc<Shared>,
+    health: &Arc<Health>,
     stop_all: &CancellationToken,
     running: &mut BTreeMap<String, Running>,
     watcher: Option<&mut FileWatcher>,
@@ -237,6 +286,8 @@ async fn reload(
         }
     }
     let names: Vec<String> = next.listeners.keys().cloned().collect();
+    metrics().certificates(&next.store);
+    health.sync(&next);
     shared.current.store(Arc::new(next));
     let gone: Vec<String> = running
         .iter()
@@ -253,10 +304,12 @@ async fn reload(
     for (b, listen) in fresh {
         running.insert(b.name.clone(), start(shared, stop_all, b, listen));
     }
+    metrics().reload(true);
     tracing::info!(config = %path.display(), cause, "reloaded");
 }
 
 fn reload_failed(cause: &str, error: &str) {
+    metrics().reload(false);
     tracing::error!(
         cause,
         error,

@@ -21,6 +21,7 @@ use crate::tls::{CertStore, ListenerTls};
 pub struct Snapshot {
     pub config: Config,
     pub store: Arc<CertStore>,
+    pub upstreams: BTreeMap<String, Arc<UpstreamRuntime>>,
     pub listeners: BTreeMap<String, Arc<ListenerRuntime>>,
 }
 
@@ -86,6 +87,7 @@ pub fn build(config: Config) -> Result<Snapshot, ConfigError> {
     Ok(Snapshot {
         config,
         store,
+        upstreams,
         listeners,
     })
 }

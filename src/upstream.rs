@@ -37,6 +37,17 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// Bounded name for the metric's `reason` label.
+    pub fn class(&self) -> &'static str {
+        match self {
+            UpstreamError::Resolve(_) => "resolve",
+            UpstreamError::Connect(_) => "connect",
+            UpstreamError::Timeout(_) => "timeout",
+            UpstreamError::Tls(_) => "tls",
+            UpstreamError::Greeting(_) => "greeting",
+        }
+    }
+
     /// The reply the client gets: temporary, so the sender retries.
     pub fn reply(&self, hostname: &str) -> Vec<u8> {
         reply::upstream_unavailable(hostname)
@@ -56,8 +67,28 @@ impl fmt::Display for UpstreamError {
 }
 
 /// Connects, writes `header` (may be empty) in one write, does TLS if configured and reads
-/// the greeting. Consumes nothing from the client.
+/// the greeting. Consumes nothing from the client. Counted in the upstream metrics.
 pub async fn connect(up: &UpstreamRuntime, header: &[u8]) -> Result<Upstream, UpstreamError> {
+    let started = std::time::Instant::now();
+    let result = connect_uncounted(up, header).await;
+    let m = crate::metrics::metrics();
+    match &result {
+        Ok(_) => m
+            .upstream_connect
+            .get_or_create(&crate::metrics::UpstreamLabel {
+                upstream: up.config.name.clone(),
+            })
+            .observe(started.elapsed().as_secs_f64()),
+        Err(e) => m.upstream_failure(&up.config.name, e.class()),
+    }
+    result
+}
+
+/// `connect` without metrics: the health probe's own attempts are not client traffic.
+pub async fn connect_uncounted(
+    up: &UpstreamRuntime,
+    header: &[u8],
+) -> Result<Upstream, UpstreamError> {
     let deadline = Instant::now() + up.config.connect_timeout;
     let addrs: Vec<SocketAddr> = timeout_at(deadline, tokio::net::lookup_host(&up.config.address))
         .await

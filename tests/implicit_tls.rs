@@ -64,13 +64,19 @@ async fn replies_after_eof_upstream() -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await.unwrap();
-        // PROXY v2 header: 16 bytes + length.
-        let mut head = [0u8; 16];
-        s.read_exact(&mut head).await.unwrap();
-        let mut rest = vec![0u8; u16::from_be_bytes([head[14], head[15]]) as usize];
-        s.read_exact(&mut rest).await.unwrap();
-        s.write_all(b"220 eof.test ESMTP\r\n").await.unwrap();
+        let mut s = loop {
+            let (mut s, _) = listener.accept().await.unwrap();
+            // PROXY v2 header: 16 bytes + length.
+            let mut head = [0u8; 16];
+            s.read_exact(&mut head).await.unwrap();
+            let mut rest = vec![0u8; u16::from_be_bytes([head[14], head[15]]) as usize];
+            s.read_exact(&mut rest).await.unwrap();
+            s.write_all(b"220 eof.test ESMTP\r\n").await.unwrap();
+            // The proxy's health probe (command LOCAL) gets its greeting and nothing else.
+            if head[12] & 0x0F != 0 {
+                break s;
+            }
+        };
         let mut got = Vec::new();
         tokio::time::timeout(IO_TIMEOUT, s.read_to_end(&mut got))
             .await

@@ -76,10 +76,17 @@ pub struct UpstreamFile {
     /// Must be true for `proxy_protocol: none` (the open-relay guard).
     #[serde(default)]
     pub allow_hidden_client_address: bool,
+    /// How often the health probe connects (PROXY v2 LOCAL, greeting, QUIT).
+    #[serde(default = "default_health_interval", with = "humantime_serde")]
+    pub health_interval: Duration,
 }
 
 fn default_connect_timeout() -> Duration {
     Duration::from_secs(5)
+}
+
+fn default_health_interval() -> Duration {
+    Duration::from_secs(10)
 }
 
 /// `upstreams.*.proxy_protocol`.

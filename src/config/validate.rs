@@ -43,6 +43,7 @@ pub struct UpstreamConfig {
     pub proxy_protocol: ProxyVersion,
     pub connect_timeout: Duration,
     pub tls: Option<UpstreamTls>,
+    pub health_interval: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -169,6 +170,9 @@ fn upstream(name: &str, up: UpstreamFile) -> Result<UpstreamConfig, KeyedError> 
     if up.connect_timeout.is_zero() {
         return Err((key("connect_timeout"), "must be greater than zero".into()));
     }
+    if up.health_interval < Duration::from_millis(100) {
+        return Err((key("health_interval"), "must be at least 100ms".into()));
+    }
     let tls = match up.tls {
         Some(t) => {
             if t.server_name.is_empty() {
@@ -187,6 +191,7 @@ fn upstream(name: &str, up: UpstreamFile) -> Result<UpstreamConfig, KeyedError> 
         proxy_protocol: up.proxy_protocol,
         connect_timeout: up.connect_timeout,
         tls,
+        health_interval: up.health_interval,
     })
 }
 

@@ -63,6 +63,7 @@ pub async fn run(a: Accepted) {
     } = a;
     let _ = tcp.set_nodelay(true);
     let cfg = &listener.config;
+    let active = Active::start(&cfg.name);
     let mut report = SessionReport::new(
         session_id,
         &cfg.name,
@@ -83,7 +84,7 @@ pub async fn run(a: Accepted) {
                 rest = after;
             }
             Err(e) => {
-                drop((global, listener_slot, tcp));
+                drop((global, listener_slot, tcp, active));
                 report.outcome = Outcome::ProtocolError(e.to_string());
                 report.emit();
                 return;
@@ -92,7 +93,7 @@ pub async fn run(a: Accepted) {
     }
     let Some(ip_slot) = per_ip.try_acquire(peer.client.ip(), cfg.limits.per_ip) else {
         refuse(&tcp, &listener, &mut report, "per_ip");
-        drop((global, listener_slot, tcp));
+        drop((global, listener_slot, tcp, active));
         report.emit();
         return;
     };
@@ -108,7 +109,7 @@ pub async fn run(a: Accepted) {
     }
     // Slots are free (and sockets closed) before the line is out: whoever reads the log
     // may rely on it.
-    drop(permits);
+    drop((permits, active));
     report.emit();
 }
 
@@ -140,7 +141,9 @@ pub async fn handshake(
     report: &mut SessionReport,
     transport: Transport,
 ) -> Option<tokio_rustls::server::TlsStream<ClientIo>> {
-    match crate::tls::accept(tcp, &l.tls, l.config.limits.handshake_timeout).await {
+    let result = crate::tls::accept(tcp, &l.tls, l.config.limits.handshake_timeout).await;
+    record_handshake(l, &result);
+    match result {
         Ok((stream, facts)) => {
             report.transport = transport;
             report.tls = Some(facts);
@@ -154,6 +157,63 @@ pub async fn handshake(
             report.outcome = Outcome::HandshakeFailed(f.to_string());
             None
         }
+    }
+}
+
+fn record_handshake<S>(
+    l: &ListenerRuntime,
+    result: &Result<(S, crate::tls::TlsFacts), crate::tls::HandshakeFailure>,
+) {
+    let m = crate::metrics::metrics();
+    let listener = &l.config.name;
+    match result {
+        Err(f) => m.handshake(listener, Some(f.class())),
+        Ok((_, facts)) => {
+            m.handshake(listener, None);
+            if facts.fallback {
+                m.sni_fallbacks
+                    .get_or_create(&crate::metrics::ListenerLabel {
+                        listener: listener.clone(),
+                    })
+                    .inc();
+            }
+            if let Some(c) = &facts.client_cert {
+                let verify = match c.verify {
+                    ClientVerify::Ok => "ok",
+                    ClientVerify::NoCa => "no_ca",
+                    ClientVerify::Failed(_) => "failed",
+                };
+                m.client_certs
+                    .get_or_create(&crate::metrics::ClientCertLabels {
+                        listener: listener.clone(),
+                        mode: format!("{:?}", l.config.client_cert).to_lowercase(),
+                        verify: verify.to_owned(),
+                    })
+                    .inc();
+            }
+        }
+    }
+}
+
+/// Counts a session as active from its start to its end.
+struct Active(crate::metrics::ListenerLabel);
+
+impl Active {
+    fn start(listener: &str) -> Active {
+        let label = crate::metrics::ListenerLabel {
+            listener: listener.to_owned(),
+        };
+        crate::metrics::metrics().active.get_or_create(&label).inc();
+        Active(label)
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        crate::metrics::metrics()
+            .active
+            .get_or_create(&self.0)
+            .dec();
     }
 }
 

@@ -124,8 +124,9 @@ impl SessionReport {
         }
     }
 
-    /// The one summary line of the session.
+    /// The one summary line of the session, and the metrics it feeds.
     pub fn emit(&self) {
+        crate::metrics::metrics().record_session(self);
         let tls = self.tls.as_ref();
         let cc = tls.and_then(|t| t.client_cert.as_ref());
         tracing::info!(

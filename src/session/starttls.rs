@@ -227,6 +227,7 @@ async fn connect_greeted(
 ) -> Result<upstream::Upstream, UpstreamError> {
     let up = upstream::connect(&l.upstream, header).await?;
     if up.greeting_code / 100 != 2 {
+        crate::metrics::metrics().upstream_failure(&l.upstream.config.name, "greeting");
         return Err(UpstreamError::Greeting(
             String::from_utf8_lossy(&up.greeting).trim_end().to_owned(),
         ));

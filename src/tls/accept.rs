@@ -46,8 +46,22 @@ pub enum HandshakeFailure {
     Timeout,
     /// `unknown_sni: reject` and this SNI names nothing we serve.
     UnrecognizedName(String),
-    /// rustls or the socket reported this.
-    Tls(String),
+    /// rustls or the socket reported this; `class` is a bounded name for metrics.
+    Tls {
+        class: &'static str,
+        reason: String,
+    },
+}
+
+impl HandshakeFailure {
+    /// A short, bounded name: the `reason` label of the handshake metric.
+    pub fn class(&self) -> &'static str {
+        match self {
+            HandshakeFailure::Timeout => "timeout",
+            HandshakeFailure::UnrecognizedName(_) => "unrecognized_name",
+            HandshakeFailure::Tls { class, .. } => class,
+        }
+    }
 }
 
 impl fmt::Display for HandshakeFailure {
@@ -55,7 +69,7 @@ impl fmt::Display for HandshakeFailure {
         match self {
             HandshakeFailure::Timeout => f.write_str("timeout"),
             HandshakeFailure::UnrecognizedName(sni) => write!(f, "unrecognized_name sni={sni}"),
-            HandshakeFailure::Tls(reason) => f.write_str(reason),
+            HandshakeFailure::Tls { reason, .. } => f.write_str(reason),
         }
     }
 }
@@ -84,7 +98,7 @@ where
 {
     let start = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), io)
         .await
-        .map_err(|e| HandshakeFailure::Tls(reason(&e)))?;
+        .map_err(|e| failure(&e))?;
     let hello = start.client_hello();
     let sni = hello.server_name().map(str::to_owned);
     let choice = tls.resolver.choose(&HelloFacts::from_hello(&hello));
@@ -102,7 +116,7 @@ where
     let stream = start
         .into_stream(tls.config.clone())
         .await
-        .map_err(|e| HandshakeFailure::Tls(reason(&e)))?;
+        .map_err(|e| failure(&e))?;
     let (_, conn) = stream.get_ref();
     let version = match conn.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
@@ -134,12 +148,27 @@ fn cipher_name(suite: rustls::CipherSuite) -> String {
     }
 }
 
-fn reason(e: &std::io::Error) -> String {
-    match e
+fn failure(e: &std::io::Error) -> HandshakeFailure {
+    use rustls::Error as E;
+    let tls = e
         .get_ref()
-        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
-    {
-        Some(tls) => tls.to_string(),
-        None => e.to_string(),
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    let class = match tls {
+        Some(E::InvalidMessage(_) | E::InappropriateHandshakeMessage { .. }) => "invalid_message",
+        Some(E::InappropriateMessage { .. }) => "invalid_message",
+        Some(E::PeerIncompatible(_)) => "incompatible",
+        Some(E::AlertReceived(_)) => "alert_received",
+        Some(E::NoCertificatesPresented | E::InvalidCertificate(_)) => "client_certificate",
+        Some(_) => "tls_error",
+        None => match e.kind() {
+            std::io::ErrorKind::UnexpectedEof
+            | std::io::ErrorKind::ConnectionReset
+            | std::io::ErrorKind::BrokenPipe => "eof",
+            _ => "io_error",
+        },
+    };
+    HandshakeFailure::Tls {
+        class,
+        reason: tls.map_or_else(|| e.to_string(), ToString::to_string),
     }
 }

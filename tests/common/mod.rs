@@ -404,15 +404,14 @@ impl FakeMta {
                 let Ok((stream, _)) = listener.accept().await else {
                     return;
                 };
-                let index = {
-                    let mut c = shared.lock().unwrap();
-                    c.push(MtaConn::default());
-                    c.len() - 1
-                };
                 let shared = shared.clone();
                 tokio::spawn(async move {
-                    let _ = fake_mta_conn(stream, greeting, expect_header, &shared, index).await;
-                    shared.lock().unwrap()[index].closed = true;
+                    let mut index = None;
+                    let _ =
+                        fake_mta_conn(stream, greeting, expect_header, &shared, &mut index).await;
+                    if let Some(i) = index {
+                        shared.lock().unwrap()[i].closed = true;
+                    }
                 });
             }
         });
@@ -450,14 +449,25 @@ impl Drop for FakeMta {
     }
 }
 
+/// Records a connection (at its PROXY header, or its first command other than QUIT):
+/// the proxy's health probes (PROXY v2 LOCAL, or a bare greeting + QUIT) are not recorded.
+fn record(shared: &Mutex<Vec<MtaConn>>, index: &mut Option<usize>) -> usize {
+    *index.get_or_insert_with(|| {
+        let mut c = shared.lock().unwrap();
+        c.push(MtaConn::default());
+        c.len() - 1
+    })
+}
+
 async fn fake_mta_conn(
     mut s: TcpStream,
     greeting: &str,
     expect_header: bool,
     shared: &Mutex<Vec<MtaConn>>,
-    index: usize,
+    index: &mut Option<usize>,
 ) -> std::io::Result<()> {
     let mut buf = Vec::new();
+    let mut probe = false;
     // PROXY header: read until ppp says complete (or it is not one).
     if expect_header {
         loop {
@@ -465,13 +475,23 @@ async fn fake_mta_conn(
                 r if ppp::PartialResult::is_incomplete(&r) => {}
                 ppp::HeaderResult::V1(Ok(h)) => {
                     let n = h.header.len();
-                    shared.lock().unwrap()[index].header = buf[..n].to_vec();
+                    if h.addresses == ppp::v1::Addresses::Unknown {
+                        probe = true;
+                    } else {
+                        let i = record(shared, index);
+                        shared.lock().unwrap()[i].header = buf[..n].to_vec();
+                    }
                     buf.drain(..n);
                     break;
                 }
                 ppp::HeaderResult::V2(Ok(h)) => {
                     let n = h.len();
-                    shared.lock().unwrap()[index].header = buf[..n].to_vec();
+                    if h.command == ppp::v2::Command::Local {
+                        probe = true;
+                    } else {
+                        let i = record(shared, index);
+                        shared.lock().unwrap()[i].header = buf[..n].to_vec();
+                    }
                     buf.drain(..n);
                     break;
                 }
@@ -494,8 +514,11 @@ async fn fake_mta_conn(
         while let Some(pos) = buf.windows(2).position(|w| w == b"\r\n") {
             let line = String::from_utf8_lossy(&buf[..pos]).into_owned();
             buf.drain(..pos + 2);
-            shared.lock().unwrap()[index].lines.push(line.clone());
             let upper = line.to_ascii_uppercase();
+            if !probe && (index.is_some() || upper != "QUIT") {
+                let i = record(shared, index);
+                shared.lock().unwrap()[i].lines.push(line.clone());
+            }
             let reply: &[u8] = if in_data {
                 if line == "." {
                     in_data = false;
