@@ -312,6 +312,14 @@ impl RunningProxy {
         last["address"].as_str().unwrap().parse().unwrap()
     }
 
+    /// The bound `metrics.listen` address (from the `metrics listening` event).
+    pub fn metrics_addr(&self) -> SocketAddr {
+        let v = self
+            .find_log(|v| v["message"] == "metrics listening")
+            .expect("metrics.listen configured");
+        v["address"].as_str().unwrap().parse().unwrap()
+    }
+
     /// Open file descriptors of the proxy process.
     pub fn fd_count(&self) -> usize {
         std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
@@ -911,4 +919,80 @@ pub async fn tls_client(
     let client = tcp.local_addr().unwrap();
     let tls = tls_handshake(tcp, config, sni).await.unwrap();
     (tls, client)
+}
+
+// ---------------------------------------------------------------- HTTP / metrics
+
+/// GET `path` over plain HTTP/1.1; returns (status code, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut tcp = tokio::time::timeout(IO_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .unwrap()
+        .unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n");
+    tcp.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(IO_TIMEOUT, tcp.read_to_end(&mut raw))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8(raw).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap();
+    let code = head.split(' ').nth(1).unwrap().parse().unwrap();
+    (code, body.to_owned())
+}
+
+/// One sample line: name, labels, value.
+pub type Sample = (String, Vec<(String, String)>, f64);
+
+/// Parsed exposition: one entry per sample line.
+pub struct Scrape(pub Vec<Sample>);
+
+impl Scrape {
+    pub async fn get(addr: SocketAddr) -> Scrape {
+        let (code, body) = http_get(addr, "/metrics").await;
+        assert_eq!(code, 200);
+        Scrape::parse(&body)
+    }
+
+    pub fn parse(text: &str) -> Scrape {
+        let mut out = Vec::new();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
+            let (series, value) = line.rsplit_once(' ').unwrap();
+            let (name, labels) = match series.split_once('{') {
+                Some((n, rest)) => {
+                    let inner = rest.strip_suffix('}').unwrap();
+                    let labels = inner
+                        .split("\",")
+                        .filter(|p| !p.is_empty())
+                        .map(|p| {
+                            let (k, v) = p.split_once("=\"").unwrap();
+                            (k.to_owned(), v.trim_end_matches('"').to_owned())
+                        })
+                        .collect();
+                    (n.to_owned(), labels)
+                }
+                None => (series.to_owned(), Vec::new()),
+            };
+            out.push((name, labels, value.parse().unwrap()));
+        }
+        Scrape(out)
+    }
+
+    /// Sum of the samples named `name` whose labels include all of `labels`.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .iter()
+            .filter(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.iter().any(|(lk, lv)| lk == k && lv == v))
+            })
+            .map(|(_, _, v)| v)
+            .sum()
+    }
 }
