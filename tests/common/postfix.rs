@@ -90,13 +90,16 @@ impl Postfix {
         // Columns: service type private unpriv chroot wakeup maxproc command.
         // chroot MUST be n everywhere: a chroot would be the queue dir, lacking libs/etc files.
         let mut master = format!(
-            "127.0.0.1:{proxy_port} inet n - n - - smtpd -o smtpd_upstream_proxy_protocol=haproxy\n\
-             127.0.0.1:{plain_port} inet n - n - - smtpd\n"
+            "127.0.0.1:{proxy_port} inet n - n - - smtpd {}\n\
+             127.0.0.1:{plain_port} inet n - n - - smtpd\n",
+            proxy_port_options()
         );
         if let (Some(port), Some(files)) = (wrapper_port, &opts.wrapper_tls) {
-            let o = "-o smtpd_upstream_proxy_protocol=haproxy -o smtpd_tls_wrappermode=yes \
-                     -o smtpd_tls_security_level=encrypt";
-            master += &tls_service(port, o, files);
+            let o = format!(
+                "{} -o smtpd_tls_wrappermode=yes -o smtpd_tls_security_level=encrypt",
+                proxy_port_options()
+            );
+            master += &tls_service(port, &o, files);
         }
         if let (Some(port), Some(files)) = (starttls_port, &opts.starttls_plain) {
             master += &tls_service(port, "-o smtpd_tls_security_level=may", files);
@@ -434,4 +437,18 @@ fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The proxy-facing smtpd parameters, from the file the deployment examples also use.
+pub const PROXY_PORT_CF: &str = include_str!("../../containers/postfix/proxy-port.cf");
+
+/// `PROXY_PORT_CF` as master.cf `-o name=value` options.
+pub fn proxy_port_options() -> String {
+    PROXY_PORT_CF
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|l| format!("-o {l}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
