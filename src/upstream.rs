@@ -144,11 +144,26 @@ pub async fn connect_uncounted(
     })
 }
 
+/// The exact reason an upstream TLS handshake failed, in an operator's words.
 fn tls_reason(e: &std::io::Error) -> String {
+    use rustls::CertificateError as C;
     match e
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>())
     {
+        Some(rustls::Error::InvalidCertificate(c)) => {
+            let what = match c {
+                C::UnknownIssuer => "unknown issuer (not signed by a CA in tls.ca)".to_owned(),
+                C::NotValidForName | C::NotValidForNameContext { .. } => {
+                    "name mismatch (not valid for tls.server_name)".to_owned()
+                }
+                C::Expired | C::ExpiredContext { .. } => "expired".to_owned(),
+                C::NotValidYet | C::NotValidYetContext { .. } => "not valid yet".to_owned(),
+                C::Revoked => "revoked".to_owned(),
+                other => format!("{other:?}"),
+            };
+            format!("upstream certificate rejected: {what}; {c}")
+        }
         Some(tls) => tls.to_string(),
         None => e.to_string(),
     }

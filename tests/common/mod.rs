@@ -104,6 +104,19 @@ impl TestPki {
         self.write(file, cert, key)
     }
 
+    /// A server certificate from the server CA that expired in 2021.
+    pub fn expired_server_cert(&self, file: &str, names: &[&str]) -> Issued {
+        let key = KeyPair::generate().unwrap();
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name.push(DnType::CommonName, names[0]);
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(2021, 1, 1);
+        let cert = params.signed_by(&key, &self.server_ca).unwrap();
+        self.write(file, cert, key)
+    }
+
     /// A client certificate with this CN from the client CA.
     pub fn client_cert(&self, file: &str, cn: &str) -> Issued {
         let key = KeyPair::generate().unwrap();
