@@ -27,7 +27,7 @@ pub fn describe(snapshot: &Snapshot) -> String {
         let default = l
             .tls
             .resolver
-            .default
+            .default_certs()
             .iter()
             .map(|c| c.label.as_str())
             .collect::<Vec<_>>()
@@ -70,6 +70,26 @@ pub fn describe(snapshot: &Snapshot) -> String {
             } else {
                 format!("in {days} days")
             }
+        );
+    }
+    for slot in snapshot.store.acme_slots() {
+        let spec = &slot.spec;
+        let state = match slot.issued() {
+            Some(c) => {
+                let expires = UNIX_EPOCH + Duration::from_secs(c.not_after.max(0) as u64);
+                format!(
+                    "cached certificate expires {}",
+                    humantime::format_rfc3339_seconds(expires)
+                )
+            }
+            None => "no cached certificate yet: ordered at start, a self-signed one is served until then".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "acme {}: directory {}, cache {}; {state}",
+            spec.domains.join(", "),
+            spec.directory,
+            spec.cache.display()
         );
     }
     out

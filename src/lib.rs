@@ -34,6 +34,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod acme;
 pub mod check;
 pub mod config;
 pub mod health;

@@ -27,7 +27,8 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let loaded = config::load(&cli.config).and_then(snapshot::build);
+    let acme = std::sync::Arc::new(smtp_tls_proxy::acme::AcmeManager::default());
+    let loaded = config::load(&cli.config).and_then(|c| snapshot::build(c, &acme));
     let snapshot = match loaded {
         Ok(s) => s,
         Err(e) => {
@@ -82,6 +83,7 @@ fn main() -> ExitCode {
             }
         };
         server::run(
+            acme,
             snapshot,
             bound,
             metrics_listener,

@@ -263,7 +263,12 @@ impl Metrics {
         self.handshakes
             .get_or_create(&HandshakeLabels {
                 listener: listener.to_owned(),
-                result: if failure.is_some() { "failed" } else { "ok" }.to_owned(),
+                result: match failure {
+                    None => "ok",
+                    Some("acme_challenge") => "acme_challenge",
+                    Some(_) => "failed",
+                }
+                .to_owned(),
                 reason: failure.unwrap_or("").to_owned(),
             })
             .inc();
@@ -296,6 +301,16 @@ impl Metrics {
                     origin: c.origin.clone(),
                 })
                 .set(c.not_after);
+        }
+        for slot in store.acme_slots() {
+            if let Some(c) = slot.issued() {
+                self.cert_expiry
+                    .get_or_create(&CertLabels {
+                        certificate: c.label.clone(),
+                        origin: "acme".into(),
+                    })
+                    .set(c.not_after);
+            }
         }
     }
 

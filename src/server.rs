@@ -19,6 +19,8 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::acme::AcmeManager;
+use crate::config::{AcmeSpec, CertificateSource};
 use crate::health::Health;
 use crate::http::Status;
 use crate::listener::Shared;
@@ -152,6 +154,7 @@ pub fn bind_metrics(snapshot: &Snapshot) -> Result<Option<(TcpListener, SocketAd
 
 /// Runs until SIGTERM/SIGINT, then drains. Returns when the process may exit 0.
 pub async fn run(
+    acme: Arc<AcmeManager>,
     snapshot: Snapshot,
     bound: Vec<Bound>,
     metrics_listener: Option<(TcpListener, SocketAddr)>,
@@ -162,6 +165,7 @@ pub async fn run(
     let health = Arc::new(Health::default());
     health.sync(&snapshot);
     metrics().certificates(&snapshot.store);
+    acme.sync(&acme_specs(&snapshot), &crate::tls::provider());
     let shared = Arc::new(Shared {
         current: Arc::new(ArcSwap::from_pointee(snapshot)),
         tracker: TaskTracker::new(),
@@ -214,6 +218,7 @@ pub async fn run(
         reload(
             &shared,
             &health,
+            &acme,
             &stop_all,
             &mut running,
             watcher.as_mut(),
@@ -254,6 +259,7 @@ pub async fn run(
 async fn reload(
     shared: &Arc<Shared>,
     health: &Arc<Health>,
+    acme: &AcmeManager,
     stop_all: &CancellationToken,
     running: &mut BTreeMap<String, Running>,
     watcher: Option<&mut FileWatcher>,
@@ -271,9 +277,13 @@ async fn reload(
         files.extend(watch::files_of(&shared.current.load().config));
         w.watch(files);
     }
-    let next = match snapshot::build(config) {
+    let next = match snapshot::build(config, acme) {
         Ok(n) => n,
-        Err(e) => return reload_failed(cause, &e.to_string()),
+        Err(e) => {
+            // Forget ACME entries the failed config created; keep the running ones.
+            acme.sync(&acme_specs(&shared.current.load()), &crate::tls::provider());
+            return reload_failed(cause, &e.to_string());
+        }
     };
     let mut fresh = Vec::new();
     for (name, l) in &next.listeners {
@@ -288,6 +298,7 @@ async fn reload(
     let names: Vec<String> = next.listeners.keys().cloned().collect();
     metrics().certificates(&next.store);
     health.sync(&next);
+    acme.sync(&acme_specs(&next), &crate::tls::provider());
     shared.current.store(Arc::new(next));
     let gone: Vec<String> = running
         .iter()
@@ -306,6 +317,18 @@ async fn reload(
     }
     metrics().reload(true);
     tracing::info!(config = %path.display(), cause, "reloaded");
+}
+
+/// The `acme` entries of a snapshot's config.
+fn acme_specs(s: &Snapshot) -> Vec<AcmeSpec> {
+    s.config
+        .certificates
+        .iter()
+        .filter_map(|c| match c {
+            CertificateSource::Acme { spec, .. } => Some(spec.clone()),
+            _ => None,
+        })
+        .collect()
 }
 
 fn reload_failed(cause: &str, error: &str) {

@@ -10,6 +10,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::server::NoServerSessionStorage;
 use rustls::server::danger::ClientCertVerifier;
 
+use crate::acme::AcmeManager;
 use crate::config::{ClientCertMode, Config, ConfigError, ListenerConfig, UpstreamConfig};
 use crate::tls::client_auth::{self, RequestAnyCert};
 use crate::tls::resolve::ListenerResolver;
@@ -41,11 +42,16 @@ pub struct UpstreamRuntime {
 }
 
 /// Loads certificates and CA files and builds every TLS config. Errors carry key paths.
-pub fn build(config: Config) -> Result<Snapshot, ConfigError> {
+pub fn build(config: Config, acme: &AcmeManager) -> Result<Snapshot, ConfigError> {
     let provider = crate::tls::provider();
     let path = config.path.clone();
     let err = |key: String, reason: String| ConfigError::new(&path, key, reason);
-    let store = Arc::new(CertStore::load(&path, &config.certificates, &provider)?);
+    let store = Arc::new(CertStore::load(
+        &path,
+        &config.certificates,
+        &provider,
+        acme,
+    )?);
 
     let mut upstreams = BTreeMap::new();
     for (name, up) in &config.upstreams {
@@ -97,21 +103,18 @@ fn listener_tls(
     store: &Arc<CertStore>,
     provider: &Arc<CryptoProvider>,
 ) -> Result<ListenerTls, (String, String)> {
-    let default = store
-        .candidates(&l.hostname)
-        .ok_or_else(|| {
-            (
-                "hostname".to_owned(),
-                format!(
-                    "no certificate serves {:?} (the listener's default certificate)",
-                    l.hostname
-                ),
-            )
-        })?
-        .to_vec();
+    if store.candidates(&l.hostname).is_none() {
+        return Err((
+            "hostname".to_owned(),
+            format!(
+                "no certificate serves {:?} (the listener's default certificate)",
+                l.hostname
+            ),
+        ));
+    }
     let resolver = Arc::new(ListenerResolver {
         store: store.clone(),
-        default,
+        default_name: l.hostname.clone(),
         policy: l.unknown_sni,
     });
     let roots = match &l.client_ca {

@@ -80,9 +80,13 @@ fn relevant(files: &HashSet<PathBuf>, path: &Path) -> bool {
 pub fn files_of(config: &Config) -> HashSet<PathBuf> {
     let mut files = vec![config.path.clone()];
     for c in &config.certificates {
-        if let CertificateSource::Files { cert, key, .. } = c {
-            files.push(cert.clone());
-            files.push(key.clone());
+        match c {
+            CertificateSource::Files { cert, key, .. } => {
+                files.push(cert.clone());
+                files.push(key.clone());
+            }
+            CertificateSource::Acme { spec, .. } => files.extend(spec.directory_ca.clone()),
+            CertificateSource::SelfSigned { .. } => {}
         }
     }
     for l in config.listeners.values() {

@@ -106,7 +106,7 @@ pub struct UpstreamTlsFile {
     pub server_name: String,
 }
 
-/// One entry of `certificates`: exactly one of `cert`+`key` or `self_signed`.
+/// One entry of `certificates`: exactly one of `cert`+`key`, `self_signed` or `acme`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CertificateFile {
@@ -116,6 +116,29 @@ pub struct CertificateFile {
     pub key: Option<PathBuf>,
     #[serde(default)]
     pub self_signed: Option<Vec<String>>,
+    #[serde(default)]
+    pub acme: Option<AcmeFile>,
+}
+
+/// `certificates[].acme`: one certificate for all `domains`, via tls-alpn-01.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AcmeFile {
+    pub domains: Vec<String>,
+    #[serde(default)]
+    pub contact: Vec<String>,
+    /// `letsencrypt` | `letsencrypt-staging` | an https URL.
+    #[serde(default = "default_directory")]
+    pub directory: String,
+    /// Extra root for a private ACME server (then the only one trusted for it).
+    #[serde(default)]
+    pub directory_ca: Option<PathBuf>,
+    /// Account key and certificate; written 0600.
+    pub cache: PathBuf,
+}
+
+fn default_directory() -> String {
+    "letsencrypt".to_owned()
 }
 
 #[derive(Debug, Deserialize)]

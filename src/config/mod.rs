@@ -13,7 +13,8 @@ use figment::providers::{Env, Format};
 
 pub use file::{ClientCertMode, LogFormat, Mode, ProxyVersion, UnknownSni};
 pub use validate::{
-    CertificateSource, Config, Limits, ListenerConfig, LogConfig, UpstreamConfig, UpstreamTls,
+    AcmeSpec, CertificateSource, Config, Limits, ListenerConfig, LogConfig, UpstreamConfig,
+    UpstreamTls,
 };
 
 /// Prefix of environment overrides; `__` separates levels.

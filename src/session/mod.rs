@@ -153,6 +153,10 @@ pub async fn handshake(
             report.outcome = Outcome::Timeout("handshake");
             None
         }
+        Err(f @ crate::tls::HandshakeFailure::AcmeChallenge(_)) => {
+            report.outcome = Outcome::AcmeChallenge(f.to_string());
+            None
+        }
         Err(f) => {
             report.outcome = Outcome::HandshakeFailed(f.to_string());
             None

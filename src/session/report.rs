@@ -26,6 +26,8 @@ pub enum Outcome {
     Shutdown,
     /// The client broke the protocol badly enough to be disconnected.
     ProtocolError(String),
+    /// Not a mail session: an ACME server validating a tls-alpn-01 challenge.
+    AcmeChallenge(String),
 }
 
 impl Outcome {
@@ -40,6 +42,7 @@ impl Outcome {
             Outcome::Limit(_) => "limit",
             Outcome::Shutdown => "shutdown",
             Outcome::ProtocolError(_) => "protocol_error",
+            Outcome::AcmeChallenge(_) => "acme_challenge",
         }
     }
 
@@ -47,7 +50,8 @@ impl Outcome {
         match self {
             Outcome::HandshakeFailed(r)
             | Outcome::UpstreamFailed(r)
-            | Outcome::ProtocolError(r) => r.clone(),
+            | Outcome::ProtocolError(r)
+            | Outcome::AcmeChallenge(r) => r.clone(),
             Outcome::Timeout(phase) | Outcome::Limit(phase) => (*phase).to_owned(),
             _ => String::new(),
         }

@@ -51,6 +51,8 @@ pub enum HandshakeFailure {
         class: &'static str,
         reason: String,
     },
+    /// An ACME tls-alpn-01 validation handshake was answered (with its error, if any).
+    AcmeChallenge(Option<String>),
 }
 
 impl HandshakeFailure {
@@ -60,6 +62,7 @@ impl HandshakeFailure {
             HandshakeFailure::Timeout => "timeout",
             HandshakeFailure::UnrecognizedName(_) => "unrecognized_name",
             HandshakeFailure::Tls { class, .. } => class,
+            HandshakeFailure::AcmeChallenge(_) => "acme_challenge",
         }
     }
 }
@@ -70,6 +73,12 @@ impl fmt::Display for HandshakeFailure {
             HandshakeFailure::Timeout => f.write_str("timeout"),
             HandshakeFailure::UnrecognizedName(sni) => write!(f, "unrecognized_name sni={sni}"),
             HandshakeFailure::Tls { reason, .. } => f.write_str(reason),
+            HandshakeFailure::AcmeChallenge(None) => {
+                f.write_str("acme tls-alpn-01 validation answered")
+            }
+            HandshakeFailure::AcmeChallenge(Some(e)) => {
+                write!(f, "acme tls-alpn-01 validation: {e}")
+            }
         }
     }
 }
@@ -101,6 +110,19 @@ where
         .map_err(|e| failure(&e))?;
     let hello = start.client_hello();
     let sni = hello.server_name().map(str::to_owned);
+    if rustls_acme::is_tls_alpn_challenge(&hello) {
+        // An ACME validation handshake (tls-alpn-01) for a name we order: the challenge
+        // config answers it; there is no SMTP session behind it.
+        let challenge = sni
+            .as_deref()
+            .and_then(|name| tls.resolver.store.acme_challenge(name));
+        if let Some(config) = challenge {
+            let result = start.into_stream(config).await;
+            return Err(HandshakeFailure::AcmeChallenge(
+                result.err().map(|e| failure(&e).to_string()),
+            ));
+        }
+    }
     let choice = tls.resolver.choose(&HelloFacts::from_hello(&hello));
     let (cert, fallback) = match choice {
         CertChoice::Serve { cert, fallback } => (cert, fallback),

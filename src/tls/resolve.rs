@@ -2,6 +2,7 @@
 //! listener's policy. Called once before the handshake (for the decision, logs and the
 //! `unrecognized_name` alert) and again by rustls through `ListenerResolver`.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -53,13 +54,13 @@ pub fn resolve(
         .map(|s| s.trim_end_matches('.').to_ascii_lowercase());
     let (candidates, fallback) = match sni.as_deref().and_then(|s| store.candidates(s)) {
         Some(found) => (found, false),
-        None if sni.is_none() => (default, false),
+        None if sni.is_none() => (Cow::Borrowed(default), false),
         None => match policy {
-            UnknownSni::Default => (default, true),
+            UnknownSni::Default => (Cow::Borrowed(default), true),
             UnknownSni::Reject => return CertChoice::Reject,
         },
     };
-    match pick(candidates, hello) {
+    match pick(&candidates, hello) {
         Some(cert) => CertChoice::Serve { cert, fallback },
         None => CertChoice::Reject,
     }
@@ -91,13 +92,21 @@ fn pick(candidates: &[Arc<ServedCert>], hello: &HelloFacts<'_>) -> Option<Arc<Se
 #[derive(Debug)]
 pub struct ListenerResolver {
     pub store: Arc<CertStore>,
-    pub default: Vec<Arc<ServedCert>>,
+    /// The listener's `hostname`: its certificates are the default (looked up at each
+    /// handshake, since an ACME certificate can arrive while the store lives).
+    pub default_name: String,
     pub policy: UnknownSni,
 }
 
 impl ListenerResolver {
+    pub fn default_certs(&self) -> Cow<'_, [Arc<ServedCert>]> {
+        self.store
+            .candidates(&self.default_name)
+            .unwrap_or_default()
+    }
+
     pub fn choose(&self, hello: &HelloFacts<'_>) -> CertChoice {
-        resolve(&self.store, &self.default, self.policy, hello)
+        resolve(&self.store, &self.default_certs(), self.policy, hello)
     }
 }
 

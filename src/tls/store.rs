@@ -1,6 +1,7 @@
 //! `CertStore`: every certificate the proxy can serve, indexed by DNS name (exact and
 //! one-label wildcard), several keys per name (ECDSA preferred, RSA for old senders).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
@@ -12,6 +13,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 use x509_parser::public_key::PublicKey;
 
+use crate::acme::{AcmeManager, AcmeSlot};
 use crate::config::{CertificateSource, ConfigError};
 
 /// The key type of a served certificate, with its size.
@@ -71,6 +73,9 @@ pub struct CertStore {
     /// Keyed by the parent domain: `*.example.org` is stored under `example.org`.
     wildcard: HashMap<String, Vec<Arc<ServedCert>>>,
     all: Vec<Arc<ServedCert>>,
+    /// ACME-managed names: what they serve changes while the store lives.
+    acme: HashMap<String, Arc<AcmeSlot>>,
+    acme_slots: Vec<Arc<AcmeSlot>>,
 }
 
 impl CertStore {
@@ -78,7 +83,8 @@ impl CertStore {
     pub fn load(
         config_path: &Path,
         sources: &[CertificateSource],
-        provider: &CryptoProvider,
+        provider: &Arc<CryptoProvider>,
+        acme: &AcmeManager,
     ) -> Result<CertStore, ConfigError> {
         let mut store = CertStore::default();
         for source in sources {
@@ -88,6 +94,25 @@ impl CertStore {
                 }
                 CertificateSource::SelfSigned { index, names } => {
                     self_signed(*index, names, provider)
+                }
+                CertificateSource::Acme { index, spec } => {
+                    if let Some(ca) = &spec.directory_ca {
+                        crate::tls::client_auth::load_roots(ca).map_err(|r| {
+                            ConfigError::new(
+                                config_path,
+                                format!("certificates.{index}.acme.directory_ca"),
+                                r,
+                            )
+                        })?;
+                    }
+                    let slot = acme.slot(spec, provider).map_err(|r| {
+                        ConfigError::new(config_path, format!("certificates.{index}.acme"), r)
+                    })?;
+                    for d in &spec.domains {
+                        store.acme.insert(d.clone(), slot.clone());
+                    }
+                    store.acme_slots.push(slot);
+                    continue;
                 }
             }
             .map_err(|(key, reason)| ConfigError::new(config_path, key, reason))?;
@@ -112,20 +137,47 @@ impl CertStore {
         self.all.push(cert);
     }
 
-    /// Exact name first, then a wildcard covering exactly one more label. `name` must be lowercase.
-    pub fn candidates(&self, name: &str) -> Option<&[Arc<ServedCert>]> {
-        if let Some(list) = self.exact.get(name) {
-            return Some(list);
+    /// An issued ACME certificate first, then exact names, then a wildcard covering exactly
+    /// one more label; an ACME name not issued yet gets its self-signed placeholder rather
+    /// than nothing. `name` must be lowercase.
+    pub fn candidates(&self, name: &str) -> Option<Cow<'_, [Arc<ServedCert>]>> {
+        let slot = self.acme.get(name);
+        let exact = self.exact.get(name);
+        if let Some(issued) = slot.and_then(|s| s.issued()) {
+            let mut list = vec![issued];
+            list.extend(exact.into_iter().flatten().cloned());
+            return Some(Cow::Owned(list));
+        }
+        if let Some(list) = exact {
+            return Some(Cow::Borrowed(list));
+        }
+        if let Some(slot) = slot {
+            return Some(Cow::Owned(vec![slot.current()]));
         }
         let (first, parent) = name.split_once('.')?;
         if first.is_empty() || first == "*" {
             return None;
         }
-        self.wildcard.get(parent).map(Vec::as_slice)
+        self.wildcard
+            .get(parent)
+            .map(|l| Cow::Borrowed(l.as_slice()))
     }
 
+    /// Certificates from files and `self_signed`, in `certificates` order.
     pub fn all(&self) -> &[Arc<ServedCert>] {
         &self.all
+    }
+
+    /// The ACME entries, in `certificates` order.
+    pub fn acme_slots(&self) -> &[Arc<AcmeSlot>] {
+        &self.acme_slots
+    }
+
+    /// The tls-alpn-01 answering config for an ACME-managed name.
+    pub fn acme_challenge(&self, name: &str) -> Option<Arc<rustls::ServerConfig>> {
+        self.acme
+            .get(&name.trim_end_matches('.').to_ascii_lowercase())
+            .and_then(|s| s.challenge())
     }
 }
 
@@ -188,6 +240,11 @@ fn self_signed(
     provider: &CryptoProvider,
 ) -> Result<ServedCert, KeyedError> {
     let key = format!("certificates.{index}.self_signed");
+    self_signed_for(names, provider).map_err(|r| (key, r))
+}
+
+/// A self-signed certificate for `names`, generated once per name list and process.
+pub fn self_signed_for(names: &[String], provider: &CryptoProvider) -> Result<ServedCert, String> {
     // Generated once per name list and process: a reload (or a spurious file event) must
     // not change the certificate clients see.
     static GENERATED: OnceLock<Mutex<HashMap<Vec<String>, Generated>>> = OnceLock::new();
@@ -200,7 +257,7 @@ fn self_signed(
         None => {
             // ECDSA P-256, the cheapest handshake; valid for rcgen's default period.
             let generated = rcgen::generate_simple_self_signed(names.to_vec())
-                .map_err(|e| (key.clone(), format!("cannot generate: {e}")))?;
+                .map_err(|e| format!("cannot generate: {e}"))?;
             let entry = (
                 generated.cert.der().clone(),
                 generated.signing_key.serialize_der(),
@@ -212,12 +269,12 @@ fn self_signed(
     drop(cache);
     let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der));
     let certified = CertifiedKey::from_der(vec![cert_der], der, provider)
-        .map_err(|e| (key.clone(), format!("cannot load generated key: {e}")))?;
-    describe(certified, "self-signed".to_owned()).map_err(|r| (key, r))
+        .map_err(|e| format!("cannot load generated key: {e}"))?;
+    describe(certified, "self-signed".to_owned())
 }
 
 /// Reads names, key type, signature algorithm and expiry from the leaf.
-fn describe(certified: CertifiedKey, origin: String) -> Result<ServedCert, String> {
+pub fn describe(certified: CertifiedKey, origin: String) -> Result<ServedCert, String> {
     let leaf = certified
         .cert
         .first()
