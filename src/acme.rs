@@ -234,9 +234,18 @@ fn start(slot: Arc<AcmeSlot>, provider: Arc<CryptoProvider>) -> JoinHandle<()> {
     slot.challenge.store(Some(
         state.challenge_rustls_config_with_provider(provider.clone()),
     ));
-    if slot.issued().is_none() {
-        tracing::info!(domains = %slot.label(), directory = %spec.directory, "acme: ordering a certificate");
-        event(&slot, "ordered");
+    match slot.issued() {
+        Some(c) => tracing::info!(
+            domains = %slot.label(),
+            certificate = %c.label,
+            not_after = c.not_after,
+            next_renewal = next_renewal(&c).unwrap_or_default(),
+            "acme certificate loaded from cache"
+        ),
+        None => {
+            tracing::info!(domains = %slot.label(), directory = %spec.directory, "acme: ordering a certificate");
+            event(&slot, "ordered");
+        }
     }
     tokio::spawn(async move {
         while let Some(ev) = state.next().await {

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 #![allow(clippy::unwrap_used)]
 
+pub mod pebble;
 pub mod postfix;
 
 use std::collections::HashMap;

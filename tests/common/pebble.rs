@@ -1,0 +1,215 @@
+//! A private Pebble ACME server (Debian's `pebble` package) with `pebble-challtestsrv` as
+//! its DNS (every name -> 127.0.0.1), on free loopback ports. Its validator connects to
+//! `tls_port` for tls-alpn-01, i.e. to the proxy's implicit listener under test. Both
+//! processes are killed by PID on drop; readiness is read from their logs.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
+    SanType,
+};
+use rustls_pki_types::CertificateDer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub const PEBBLE: &str = "/usr/bin/pebble";
+pub const CHALLTESTSRV: &str = "/usr/bin/pebble-challtestsrv";
+
+pub struct Pebble {
+    pub dir: tempfile::TempDir,
+    pub api: SocketAddr,
+    pub management: SocketAddr,
+    /// The CA of Pebble's own HTTPS certificate (what `directory_ca` must name).
+    pub api_ca: PathBuf,
+    api_ca_der: CertificateDer<'static>,
+    children: Vec<Child>,
+    logs: Arc<Mutex<String>>,
+}
+
+fn free_tcp() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn free_udp_and_tcp() -> u16 {
+    // DNS listens on both; a port free for UDP is almost always free for TCP on loopback.
+    UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Pebble {
+    /// Starts challtestsrv and Pebble; returns once Pebble serves its directory.
+    pub fn start(tls_port: u16) -> Pebble {
+        assert!(
+            Path::new(PEBBLE).exists() && Path::new(CHALLTESTSRV).exists(),
+            "apt-get install pebble"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+
+        // Pebble's API certificate: a small CA and a CA:FALSE leaf for 127.0.0.1.
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "pebble API test CA");
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let mut leaf = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        leaf.subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().unwrap()));
+        let leaf = leaf.signed_by(&leaf_key, &ca).unwrap();
+        std::fs::write(d.join("api-ca.pem"), ca.pem()).unwrap();
+        std::fs::write(d.join("cert.pem"), leaf.pem()).unwrap();
+        std::fs::write(d.join("key.pem"), leaf_key.serialize_pem()).unwrap();
+
+        let (api, management) = (free_tcp(), free_tcp());
+        let (dns, dns_management, http) = (free_udp_and_tcp(), free_tcp(), free_tcp());
+        std::fs::write(
+            d.join("pebble-config.json"),
+            format!(
+                r#"{{ "pebble": {{
+  "listenAddress": "127.0.0.1:{api}", "managementListenAddress": "127.0.0.1:{management}",
+  "certificate": "cert.pem", "privateKey": "key.pem",
+  "httpPort": {http}, "tlsPort": {tls_port},
+  "ocspResponderURL": "", "externalAccountBindingRequired": false }} }}"#
+            ),
+        )
+        .unwrap();
+
+        let logs: Arc<Mutex<String>> = Arc::default();
+        let mut pebble = Pebble {
+            api: SocketAddr::from(([127, 0, 0, 1], api)),
+            management: SocketAddr::from(([127, 0, 0, 1], management)),
+            api_ca: d.join("api-ca.pem"),
+            api_ca_der: ca.der().clone(),
+            children: Vec::new(),
+            logs: logs.clone(),
+            dir,
+        };
+        let mut cts = Command::new(CHALLTESTSRV);
+        cts.args([
+            "-dns01",
+            &format!("127.0.0.1:{dns}"),
+            "-defaultIPv4",
+            "127.0.0.1",
+            "-defaultIPv6",
+            "",
+            "-http01",
+            "",
+            "-https01",
+            "",
+            "-tlsalpn01",
+            "",
+            "-management",
+            &format!("127.0.0.1:{dns_management}"),
+        ]);
+        pebble.spawn(cts, "Starting management server on");
+        let mut pb = Command::new(PEBBLE);
+        pb.current_dir(pebble.dir.path())
+            .args([
+                "-config",
+                "pebble-config.json",
+                "-dnsserver",
+                &format!("127.0.0.1:{dns}"),
+                "-strict=false",
+            ])
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0");
+        pebble.spawn(pb, "ACME directory available at");
+        pebble
+    }
+
+    /// Starts `cmd` with its output collected; waits (bounded) for `ready` in it.
+    fn spawn(&mut self, mut cmd: Command, ready: &str) {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        for out in [
+            Box::new(child.stdout.take().unwrap()) as Box<dyn std::io::Read + Send>,
+            Box::new(child.stderr.take().unwrap()),
+        ] {
+            let logs = self.logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(out).lines() {
+                    let Ok(line) = line else { break };
+                    let mut l = logs.lock().unwrap();
+                    l.push_str(&line);
+                    l.push('\n');
+                }
+            });
+        }
+        self.children.push(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.log().contains(ready) {
+            assert!(
+                Instant::now() < deadline,
+                "{ready:?} not seen:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        self.logs.lock().unwrap().clone()
+    }
+
+    pub fn directory_url(&self) -> String {
+        format!("https://{}/dir", self.api)
+    }
+
+    /// Pebble's issuance root (new at every start), from its management API.
+    pub async fn issuance_root(&self) -> CertificateDer<'static> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.api_ca_der.clone()).unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(super::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tcp = tokio::net::TcpStream::connect(self.management)
+            .await
+            .unwrap();
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect("127.0.0.1".try_into().unwrap(), tcp)
+            .await
+            .unwrap();
+        tls.write_all(b"GET /roots/0 HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut raw = Vec::new();
+        let _ = tls.read_to_end(&mut raw).await;
+        let text = String::from_utf8(raw).unwrap();
+        let (_, body) = text.split_once("\r\n\r\n").unwrap();
+        use rustls_pki_types::pem::PemObject;
+        CertificateDer::from_pem_slice(body.as_bytes()).unwrap()
+    }
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- pebble log ---\n{}", self.log());
+        }
+    }
+}
