@@ -2,23 +2,65 @@
 //! (`smtp::stream`) so STARTTLS is answered locally and stripped from EHLO replies.
 //! Half-close: client EOF shuts the upstream's write side and the upstream's last replies
 //! still reach the client; upstream EOF shuts the client's write side and gives the client
-//! `UPSTREAM_CLOSED_LINGER` to close too. An idle timeout ends it when no byte moves.
-//! While a DATA reply is awaited no client byte is read (backpressure, bounded memory).
+//! `UPSTREAM_CLOSED_LINGER` to close too. An idle timeout ends it when no byte moves, and a
+//! write that makes no progress for the same time ends it too (a peer that stops reading
+//! cannot pin the session: ST FT-8). While a DATA reply is awaited no client byte is read
+//! (backpressure, bounded memory).
+//!
+//! Memory: reads go through one per-thread scratch buffer, borrowed only inside a single
+//! `poll_read` call, so a session waiting for bytes holds no read buffer at all; the
+//! session's own vectors are released after `RELEASE_AFTER` without traffic. An idle
+//! relayed session costs its task, its two sockets' state and rustls' minimum.
 
+use std::cell::RefCell;
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::time::Instant;
 
 use crate::smtp::stream::SmtpStream;
 
-/// Per-direction read buffer, allocated only while the session is in the relay.
-pub const RELAY_BUFFER: usize = 8 * 1024;
+/// The per-thread read scratch: one TLS record's plaintext.
+pub const RELAY_BUFFER: usize = 16 * 1024;
+
+/// Without traffic for this long, a session gives its buffers back.
+pub const RELEASE_AFTER: Duration = Duration::from_secs(1);
 
 /// After the upstream has closed (e.g. after its 221), how long the client may take to
 /// close its side before the session ends anyway.
 pub const UPSTREAM_CLOSED_LINGER: Duration = Duration::from_secs(2);
+
+thread_local! {
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; RELAY_BUFFER].into_boxed_slice());
+}
+
+/// Reads once from `r` into the end of `out`, through the thread's scratch buffer.
+fn read_into<'a, R: AsyncRead + Unpin>(r: &'a mut R, out: &'a mut Vec<u8>) -> ReadInto<'a, R> {
+    ReadInto { r, out }
+}
+
+struct ReadInto<'a, R> {
+    r: &'a mut R,
+    out: &'a mut Vec<u8>,
+}
+
+impl<R: AsyncRead + Unpin> Future for ReadInto<'_, R> {
+    type Output = io::Result<usize>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        SCRATCH.with_borrow_mut(|scratch| {
+            let mut buf = ReadBuf::new(scratch);
+            ready!(Pin::new(&mut *this.r).poll_read(cx, &mut buf))?;
+            this.out.extend_from_slice(buf.filled());
+            Poll::Ready(Ok(buf.filled().len()))
+        })
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RelayReport {
@@ -56,27 +98,31 @@ where
 {
     let mut report = RelayReport::default();
     let mut held = pending;
-    let mut cbuf = vec![0u8; RELAY_BUFFER];
-    let mut ubuf = vec![0u8; RELAY_BUFFER];
+    let mut from_upstream = Vec::new();
     let mut to_upstream = Vec::new();
     let mut to_client = Vec::new();
     let mut client_open = true;
     let mut upstream_shut = false;
-    let mut deadline = Instant::now() + idle;
+    // One timer for both the idle deadline and the buffer release; traffic only moves
+    // `last`, and the timer is re-armed lazily when it fires early.
+    let mut last = Instant::now();
+    let mut released = false;
+    let timer = tokio::time::sleep(RELEASE_AFTER);
+    tokio::pin!(timer);
     let end = loop {
         if !held.is_empty() && smtp.wants_client_input() {
             let n = smtp.client_bytes(&held, &mut to_upstream, &mut to_client);
             held.drain(..n);
         }
         if !to_upstream.is_empty() {
-            if let Err(e) = write(upstream, &to_upstream).await {
-                break from_io(&e);
+            if let Err(end) = write(upstream, &to_upstream, idle).await {
+                break end;
             }
             to_upstream.clear();
         }
         if !to_client.is_empty() {
-            if let Err(e) = write(client, &to_client).await {
-                break from_io(&e);
+            if let Err(end) = write(client, &to_client, idle).await {
+                break end;
             }
             to_client.clear();
         }
@@ -86,21 +132,20 @@ where
         }
         let read_client = client_open && held.is_empty() && smtp.wants_client_input();
         tokio::select! {
-            r = client.read(&mut cbuf), if read_client => match r {
+            r = read_into(client, &mut held), if read_client => match r {
                 Ok(0) => client_open = false,
                 Ok(n) => {
                     report.bytes_from_client += n as u64;
-                    held.extend_from_slice(&cbuf[..n]);
-                    deadline = Instant::now() + idle;
+                    (last, released) = (Instant::now(), false);
                 }
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => client_open = false,
                 Err(_) => break RelayEnd::Reset,
             },
-            r = upstream.read(&mut ubuf) => match r {
+            r = read_into(upstream, &mut from_upstream) => match r {
                 Ok(0) | Err(_) => {
                     let _ = client.shutdown().await;
                     if client_open {
-                        linger(client, &mut cbuf).await;
+                        linger(client).await;
                     }
                     break match r {
                         Ok(_) => RelayEnd::Closed,
@@ -109,30 +154,61 @@ where
                 }
                 Ok(n) => {
                     report.bytes_from_upstream += n as u64;
-                    deadline = Instant::now() + idle;
-                    if let Err(e) = smtp.upstream_bytes(&ubuf[..n], &mut to_client) {
+                    (last, released) = (Instant::now(), false);
+                    let parsed = smtp.upstream_bytes(&from_upstream, &mut to_client);
+                    from_upstream.clear();
+                    if let Err(e) = parsed {
                         to_client.extend_from_slice(&crate::smtp::reply::upstream_unavailable(hostname));
-                        let _ = write(client, &to_client).await;
+                        let _ = write(client, &to_client, idle).await;
                         break RelayEnd::UpstreamProtocol(e.to_string());
                     }
                 }
             },
-            () = tokio::time::sleep_until(deadline) => break RelayEnd::IdleTimeout,
+            () = &mut timer => {
+                let now = Instant::now();
+                if now >= last + idle {
+                    break RelayEnd::IdleTimeout;
+                }
+                if !released && now >= last + RELEASE_AFTER {
+                    released = true;
+                    for v in [&mut held, &mut from_upstream, &mut to_upstream, &mut to_client] {
+                        v.shrink_to_fit();
+                    }
+                    smtp.release();
+                }
+                let next = if released { last + idle } else { last + RELEASE_AFTER };
+                timer.as_mut().reset(next);
+            }
         }
     };
     report.end = end;
     report
 }
 
-async fn write<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
-    w.write_all(bytes).await?;
-    w.flush().await
+/// Writes all of `bytes`; no progress for `idle` ends the relay as idle.
+async fn write<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    bytes: &[u8],
+    idle: Duration,
+) -> Result<(), RelayEnd> {
+    match tokio::time::timeout(idle, async {
+        w.write_all(bytes).await?;
+        w.flush().await
+    })
+    .await
+    {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(from_io(&e)),
+        Err(_) => Err(RelayEnd::IdleTimeout),
+    }
 }
 
 /// Waits (bounded) for the client to close after the upstream did; its bytes go nowhere.
-async fn linger<C: AsyncRead + Unpin>(client: &mut C, buf: &mut [u8]) {
+async fn linger<C: AsyncRead + Unpin>(client: &mut C) {
+    let mut sink = Vec::new();
     let _ = tokio::time::timeout(UPSTREAM_CLOSED_LINGER, async {
-        while let Ok(n) = client.read(buf).await {
+        while let Ok(n) = read_into(client, &mut sink).await {
+            sink.clear();
             if n == 0 {
                 break;
             }

@@ -77,6 +77,13 @@ impl SmtpStream {
         }
     }
 
+    /// Gives back buffer capacity kept from earlier traffic (an idle session's memory).
+    pub fn release(&mut self) {
+        self.line.shrink_to_fit();
+        self.replies.shrink_to_fit();
+        self.expects.shrink_to_fit();
+    }
+
     /// Whether client input may be processed now (false while a DATA reply is awaited).
     pub fn wants_client_input(&self) -> bool {
         self.state != State::AwaitDataReply
@@ -109,6 +116,18 @@ impl SmtpStream {
                 State::Data(mut matched) => {
                     let start = i;
                     while i < input.len() {
+                        if matched == 0 {
+                            // Content between terminator candidates: jump to the next CR
+                            // (memchr, SIMD) instead of stepping byte by byte. Skipped bytes
+                            // are not CR, so the match stays at 0, as the byte loop would.
+                            match memchr::memchr(b'\r', &input[i..]) {
+                                Some(cr) => i += cr,
+                                None => {
+                                    i = input.len();
+                                    break;
+                                }
+                            }
+                        }
                         let b = input[i];
                         i += 1;
                         if b == END_OF_DATA[matched] {
@@ -130,7 +149,7 @@ impl SmtpStream {
                 }
                 State::Command => {
                     let rest = &input[i..];
-                    match rest.iter().position(|&b| b == b'\n') {
+                    match memchr::memchr(b'\n', rest) {
                         Some(lf) => {
                             let part = &rest[..=lf];
                             i += lf + 1;

@@ -100,3 +100,23 @@ fn an_endless_command_line_is_forwarded_not_buffered() {
     }
     assert!(s.line.len() <= MAX_TRACKED_LINE);
 }
+
+#[test]
+fn end_of_data_is_found_at_every_split_point() {
+    // Traps for the CR-skipping fast path: CR CR LF, bare LF dot, a dot after CR only.
+    let body: &[u8] = b"a\r\r\n.x\r\n\n.\n\r.\r\n\r\r\n..\r\nz\r\n.\r\n";
+    let end = body.len();
+    for split in 0..=end {
+        let mut s = SmtpStream::default();
+        client(&mut s, b"DATA\r\n");
+        upstream(&mut s, b"354 go\r\n");
+        let (up1, _, n1) = client(&mut s, &body[..split]);
+        let (up2, _, n2) = client(&mut s, &[&body[split..], b"QUIT\r\n"].concat());
+        assert_eq!(
+            format!("{up1}{up2}").as_bytes(),
+            [body, b"QUIT\r\n"].concat()
+        );
+        assert_eq!(n1 + n2, end + 6, "split at {split}");
+        assert_eq!(s.expects.len(), 2, "end of data and QUIT at split {split}");
+    }
+}
