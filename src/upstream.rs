@@ -15,7 +15,8 @@ use crate::smtp::reply::{self, ReplyError};
 use crate::snapshot::UpstreamRuntime;
 
 /// The stream towards the MTA: plain TCP or TLS over it.
-pub type UpstreamStream = Either<TcpStream, tokio_rustls::client::TlsStream<TcpStream>>;
+/// The TLS side is boxed: it is large (a rustls connection), the plain side is not.
+pub type UpstreamStream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
 /// A connected upstream that has greeted.
 pub struct Upstream {
@@ -125,7 +126,7 @@ pub async fn connect_uncounted(
                 .await
                 .map_err(|_| UpstreamError::Timeout("tls handshake"))?
                 .map_err(|e| UpstreamError::Tls(tls_reason(&e)))?;
-            Either::Right(s)
+            Either::Right(Box::new(s))
         }
     };
     let mut greeting = Vec::with_capacity(256);

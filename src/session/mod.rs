@@ -73,7 +73,7 @@ pub async fn run(a: Accepted) {
     let mut tcp = tcp;
     let mut rest = Vec::new();
     if trusted_balancer(&cfg.accept_proxy_protocol, peer.client.ip()) {
-        match inbound::read(&mut tcp, cfg.limits.handshake_timeout).await {
+        match Box::pin(inbound::read(&mut tcp, cfg.limits.handshake_timeout)).await {
             Ok((carried, after)) => {
                 if let Some((client, local)) = carried {
                     report.via = Some(peer.client);
@@ -103,9 +103,19 @@ pub async fn run(a: Accepted) {
         ip: Some(ip_slot),
     };
     let client = ClientIo::new(tcp, rest);
+    // Each path boxed: the task is sized by its own path, not by the larger of the two.
     match cfg.mode {
-        Mode::Implicit => implicit::run(client, peer, &listener, &mut report).await,
-        Mode::Starttls => starttls::run(client, peer, &listener, &mut report, &shutdown).await,
+        Mode::Implicit => Box::pin(implicit::run(client, peer, &listener, &mut report)).await,
+        Mode::Starttls => {
+            Box::pin(starttls::run(
+                client,
+                peer,
+                &listener,
+                &mut report,
+                &shutdown,
+            ))
+            .await
+        }
     }
     // Slots are free (and sockets closed) before the line is out: whoever reads the log
     // may rely on it.

@@ -121,7 +121,8 @@ pub async fn run(
 /// After `220 Ready to start TLS`: handshake, the client's first command, then the upstream.
 async fn upgraded(tcp: ClientIo, peer: Peer, l: &ListenerRuntime, report: &mut SessionReport) {
     let cfg = &l.config;
-    let Some(mut client) = super::handshake(tcp, l, report, Transport::Starttls).await else {
+    let Some(mut client) = Box::pin(super::handshake(tcp, l, report, Transport::Starttls)).await
+    else {
         return;
     };
     // The upstream is contacted once the client speaks, so that an unavailable upstream is
@@ -139,7 +140,7 @@ async fn upgraded(tcp: ClientIo, peer: Peer, l: &ListenerRuntime, report: &mut S
     first.truncate(n);
     report.bytes_from_client += n as u64;
     let header = proxy_header(l.upstream.config.proxy_protocol, peer, report);
-    let mut up = match connect_greeted(l, &header).await {
+    let mut up = match Box::pin(connect_greeted(l, &header)).await {
         Ok(up) => up,
         Err(e) => {
             let _ = write_reply(&mut client, &e.reply(&cfg.hostname)).await;
@@ -174,7 +175,7 @@ async fn plaintext(
     let cfg = &l.config;
     report.transport = Transport::Plaintext;
     let header = proxy_header(l.upstream.config.proxy_protocol, peer, report);
-    let mut up = match connect_greeted(l, &header).await {
+    let mut up = match Box::pin(connect_greeted(l, &header)).await {
         Ok(up) => up,
         Err(e) => {
             let _ = write_reply(&mut tcp, &e.reply(&cfg.hostname)).await;
