@@ -146,6 +146,10 @@ fn listener_tls(
         }
     };
     let mut config = builder.with_cert_resolver(resolver.clone());
+    // ALPACA mitigation (catalogue TL-6, RFC 7301 3.2): a client that offers ALPN without
+    // "smtp" (e.g. http/1.1 or h2 redirected to a mail port) gets no_application_protocol;
+    // no ALPN proceeds as usual. ACME's acme-tls/1 is answered before this config applies.
+    config.alpn_protocols = vec![b"smtp".to_vec()];
     if !l.session_tickets {
         // outlook.com's senders abort STARTTLS after a TLS 1.3 ticket (catalogue G).
         config.send_tls13_tickets = 0;

@@ -1,0 +1,89 @@
+//! ALPN policy on TLS listeners (catalogue TL-6, the ALPACA mitigation): a foreign protocol
+//! is refused with `no_application_protocol`, `smtp` is accepted and carried to the MTA in
+//! PP2_TYPE_ALPN, no ALPN at all proceeds.
+
+// Test helpers outside #[test] fns may unwrap too: a panic is the failure report.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::*;
+
+async fn setup() -> (FakeMta, RunningProxy) {
+    let pki = TestPki::new();
+    let mta = FakeMta::start().await;
+    let mx = pki.server_cert("mx", &["mx.example.test"], false);
+    let proxy = spawn_proxy(&yaml(
+        mta.addr,
+        "",
+        &cert_entry(&mx),
+        &implicit_listener("smtps", "mx.example.test", ""),
+    ));
+    (mta, proxy)
+}
+
+fn client_offering(protocols: &[&[u8]]) -> rustls::ClientConfig {
+    let mut c = inspecting_client(None);
+    c.alpn_protocols = protocols.iter().map(|p| p.to_vec()).collect();
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_alpn_on_a_mail_port_is_refused_and_never_reaches_the_mta() {
+    let (mta, proxy) = setup().await;
+    for offered in [&b"http/1.1"[..], b"h2"] {
+        let tcp = connect_from("127.0.0.1", proxy.addr("smtps")).await;
+        let err = tls_handshake(tcp, client_offering(&[offered]), Some("mx.example.test"))
+            .await
+            .expect_err("a foreign ALPN must not complete the handshake");
+        assert!(
+            err.to_string().contains("NoApplicationProtocol"),
+            "expected a no_application_protocol alert, got: {err}"
+        );
+    }
+    // Both attempts are logged as failed handshakes, and the MTA saw no connection.
+    proxy
+        .wait_for_nth_log(2, std::time::Duration::from_secs(5), |l| {
+            l["outcome"].as_str() == Some("handshake_failed")
+        })
+        .await;
+    assert!(mta.conns().is_empty(), "{:?}", mta.conns());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smtp_alpn_is_accepted_and_carried_in_the_proxy_header() {
+    let (mta, proxy) = setup().await;
+    let tcp = connect_from("127.0.0.1", proxy.addr("smtps")).await;
+    let tls = tls_handshake(
+        tcp,
+        client_offering(&[b"h2", b"smtp"]),
+        Some("mx.example.test"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"smtp"[..]));
+    let mut smtp = Smtp::new(tls);
+    deliver(&mut smtp, "alpn").await;
+    let conn = mta.wait_line(0, |l| l == "QUIT").await;
+    let header = parse_v2(&conn.header);
+    let alpn: Vec<_> = tlvs(&header)
+        .into_iter()
+        .filter(|(k, _)| *k == 0x01)
+        .collect();
+    assert_eq!(alpn, vec![(0x01, b"smtp".to_vec())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_alpn_proceeds_without_an_alpn_tlv() {
+    let (mta, proxy) = setup().await;
+    let tcp = connect_from("127.0.0.1", proxy.addr("smtps")).await;
+    let tls = tls_handshake(tcp, inspecting_client(None), Some("mx.example.test"))
+        .await
+        .unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), None);
+    let mut smtp = Smtp::new(tls);
+    deliver(&mut smtp, "no alpn").await;
+    let conn = mta.wait_line(0, |l| l == "QUIT").await;
+    let header = parse_v2(&conn.header);
+    assert!(tlvs(&header).iter().all(|(k, _)| *k != 0x01));
+}
