@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::config::{Mode, ProxyVersion};
+use crate::config::{ClientCertMode, Config, Mode, ProxyVersion};
 use crate::snapshot::Snapshot;
 
 /// The report printed by `check`: listeners, then certificates with their names and expiry.
@@ -72,6 +72,9 @@ pub fn describe(snapshot: &Snapshot) -> String {
             }
         );
     }
+    for w in warnings(c) {
+        let _ = writeln!(out, "warning: {w}");
+    }
     for slot in snapshot.store.acme_slots() {
         let spec = &slot.spec;
         let state = match slot.issued() {
@@ -91,6 +94,38 @@ pub fn describe(snapshot: &Snapshot) -> String {
             spec.directory,
             spec.cache.display()
         );
+    }
+    out
+}
+
+/// Valid but risky settings, printed by `check` and logged at start and on reload:
+/// `listeners.NAME.key: why` (catalogue SM-17, PO-7, PO-8).
+pub fn warnings(c: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, l) in &c.listeners {
+        if l.mode == Mode::Starttls && l.require_starttls && l.listen.port() == 25 {
+            out.push(format!(
+                "listeners.{name}.require_starttls: port 25 is where other MTAs deliver; RFC 3207 \
+                 section 4 says a publicly-referenced SMTP server must not require STARTTLS, and \
+                 senders without TLS will be refused"
+            ));
+        }
+        let up = &l.upstream;
+        if up.proxy_protocol == ProxyVersion::V1 && l.client_cert != ClientCertMode::None {
+            out.push(format!(
+                "listeners.{name}.client_cert: upstream {} uses proxy_protocol: v1, which cannot \
+                 carry TLS facts or the client certificate to the MTA; use v2",
+                up.name
+            ));
+        }
+        if up.proxy_protocol == ProxyVersion::None {
+            out.push(format!(
+                "upstreams.{}.proxy_protocol: none: every client of listener {name} reaches the \
+                 MTA from the proxy's address; if the MTA trusts that address (Postfix \
+                 permit_mynetworks) it is an open relay",
+                up.name
+            ));
+        }
     }
     out
 }

@@ -41,6 +41,9 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     telemetry::init(snapshot.config.log.format, &snapshot.config.log.level);
+    for w in check::warnings(&snapshot.config) {
+        tracing::warn!(warning = %w, "configuration warning");
+    }
     let (nofile, default_max_connections) = smtp_tls_proxy::limits::raise_nofile();
     tracing::info!(
         nofile,

@@ -317,6 +317,9 @@ async fn reload(
     }
     metrics().reload(true);
     tracing::info!(config = %path.display(), cause, "reloaded");
+    for w in crate::check::warnings(&shared.current.load().config) {
+        tracing::warn!(warning = %w, "configuration warning");
+    }
 }
 
 /// The `acme` entries of a snapshot's config.

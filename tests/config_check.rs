@@ -137,3 +137,54 @@ fn environment_overrides_nested_keys_and_bad_values_name_the_variable() {
         "{err}"
     );
 }
+
+#[test]
+fn risky_settings_are_valid_but_warned_about_with_their_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &config,
+        r#"
+upstreams:
+  v1: { address: "127.0.0.1:10025", proxy_protocol: v1 }
+  hidden: { address: "127.0.0.1:10026", proxy_protocol: none, allow_hidden_client_address: true }
+certificates:
+  - self_signed: [mx.example.test]
+listeners:
+  mx:
+    listen: "0.0.0.0:25"
+    mode: starttls
+    require_starttls: true
+    hostname: mx.example.test
+    upstream: v1
+    client_cert: request
+  internal:
+    listen: "127.0.0.1:0"
+    mode: implicit
+    hostname: mx.example.test
+    upstream: hidden
+"#,
+    )
+    .unwrap();
+    let (code, out, err) = check(&config, &[]);
+    assert_eq!(code, 0, "{err}");
+    let warnings: Vec<&str> = out.lines().filter(|l| l.starts_with("warning: ")).collect();
+    assert_eq!(warnings.len(), 3, "{out}");
+    assert!(
+        out.contains("warning: listeners.mx.require_starttls: port 25"),
+        "{out}"
+    );
+    assert!(
+        out.contains("warning: listeners.mx.client_cert: upstream v1 uses proxy_protocol: v1"),
+        "{out}"
+    );
+    assert!(
+        out.contains("warning: upstreams.hidden.proxy_protocol: none"),
+        "{out}"
+    );
+
+    // The shipped config earns none.
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.yaml");
+    let (_, out, _) = check(&shipped, &[]);
+    assert!(!out.contains("warning:"), "{out}");
+}
