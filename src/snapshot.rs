@@ -150,6 +150,8 @@ fn listener_tls(
     // "smtp" (e.g. http/1.1 or h2 redirected to a mail port) gets no_application_protocol;
     // no ALPN proceeds as usual. ACME's acme-tls/1 is answered before this config applies.
     config.alpn_protocols = vec![b"smtp".to_vec()];
+    // The provider's suite order (AES-128-GCM first, see `tls::provider`) decides.
+    config.ignore_client_order = true;
     if !l.session_tickets {
         // outlook.com's senders abort STARTTLS after a TLS 1.3 ticket (catalogue G).
         config.send_tls13_tickets = 0;

@@ -1,6 +1,7 @@
-//! ALPN policy on TLS listeners (catalogue TL-6, the ALPACA mitigation): a foreign protocol
-//! is refused with `no_application_protocol`, `smtp` is accepted and carried to the MTA in
-//! PP2_TYPE_ALPN, no ALPN at all proceeds.
+//! TLS policy of the listeners. ALPN (catalogue TL-6, the ALPACA mitigation): a foreign
+//! protocol is refused with `no_application_protocol`, `smtp` is accepted and carried to the
+//! MTA in PP2_TYPE_ALPN, no ALPN at all proceeds. Cipher suites: the server's order
+//! (AES-128-GCM first) applies over the client's.
 
 // Test helpers outside #[test] fns may unwrap too: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
@@ -86,4 +87,36 @@ async fn no_alpn_proceeds_without_an_alpn_tlv() {
     let conn = mta.wait_line(0, |l| l == "QUIT").await;
     let header = parse_v2(&conn.header);
     assert!(tlvs(&header).iter().all(|(k, _)| *k != 0x01));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_picks_aes_128_gcm_even_when_the_client_prefers_aes_256() {
+    let (_mta, proxy) = setup().await;
+    // rustls' own default order already puts AES-256 first; make the preference explicit.
+    let mut provider = (*provider()).clone();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_256_GCM_SHA384);
+    assert_eq!(
+        provider.cipher_suites[0].suite(),
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
+    );
+    let verifier = std::sync::Arc::new(AcceptAnyServerCert(
+        std::sync::Arc::new(provider.clone()),
+        false,
+    ));
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    let tcp = connect_from("127.0.0.1", proxy.addr("smtps")).await;
+    let tls = tls_handshake(tcp, config, Some("mx.example.test"))
+        .await
+        .unwrap();
+    assert_eq!(
+        tls.get_ref().1.negotiated_cipher_suite().unwrap().suite(),
+        rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
+    );
 }
