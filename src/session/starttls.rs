@@ -5,7 +5,7 @@
 
 use crate::io::ClientIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::time::timeout;
+use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
 use super::{Outcome, Peer, SessionReport, Transport, proxy_header, write_reply};
@@ -42,6 +42,9 @@ pub async fn run(
     let mut chunk = [0u8; DIALOGUE_READ];
     let mut first_read = true;
     loop {
+        // command_timeout is a deadline for the whole command line, from the moment we
+        // wait for it: a client dripping one byte at a time does not move it (SM-19).
+        let deadline = Instant::now() + cfg.limits.command_timeout;
         let event = loop {
             if let Some(e) = reader.next_event() {
                 break e;
@@ -54,7 +57,7 @@ pub async fn run(
                     report.outcome = Outcome::Shutdown;
                     return;
                 }
-                read = timeout(cfg.limits.command_timeout, tcp.read(&mut chunk)) => read,
+                read = timeout_at(deadline, tcp.read(&mut chunk)) => read,
             };
             let n = match read {
                 Err(_) => {
