@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 #![allow(clippy::unwrap_used)]
 
+pub mod fault_mta;
 pub mod pebble;
 pub mod postfix;
 
@@ -175,14 +176,32 @@ pub fn spawn_proxy(yaml: &str) -> RunningProxy {
 
 pub fn spawn_proxy_at(dir: tempfile::TempDir, config: &Path, env: &[(&str, &str)]) -> RunningProxy {
     let mut cmd = Command::new(binary());
-    cmd.arg("--config")
-        .arg(config)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+    cmd.arg("--config").arg(config);
     for (k, v) in env {
         cmd.env(k, v);
     }
+    spawn_command(dir, cmd)
+}
+
+/// Starts the proxy with RLIMIT_NOFILE set to `nofile`, soft and hard (`prlimit` execs it:
+/// same PID), so that the proxy cannot raise it at start: descriptor-exhaustion tests.
+pub fn spawn_proxy_with_nofile(yaml: &str, nofile: u64) -> RunningProxy {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.yaml");
+    std::fs::write(&config, yaml).unwrap();
+    let mut cmd = Command::new("prlimit");
+    cmd.arg(format!("--nofile={nofile}:{nofile}"))
+        .arg("--")
+        .arg(binary())
+        .arg("--config")
+        .arg(&config);
+    spawn_command(dir, cmd)
+}
+
+fn spawn_command(dir: tempfile::TempDir, mut cmd: Command) -> RunningProxy {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     let mut child = cmd.spawn().expect("start the proxy binary");
     let stderr = child.stderr.take().unwrap();
     let logs: Arc<Mutex<Vec<Value>>> = Arc::default();
