@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::fault_mta::{Fault, FaultMta};
+use common::postfix::{Postfix, PostfixOptions};
 use common::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -36,6 +37,8 @@ enum Upstream {
     Fault(Fault),
     /// A port nobody listens on: connection refused.
     Refusing,
+    /// A real MTA (Postfix) listening there.
+    At(SocketAddr),
 }
 
 /// A proxy whose `smtps` (implicit) and `smtp` (STARTTLS, port-25 style) listeners use the
@@ -65,6 +68,7 @@ impl Bed {
                 (Some(m), a)
             }
             Upstream::Refusing => (None, refusing_addr()),
+            Upstream::At(addr) => (None, addr),
         };
         let yaml = format!(
             r#"log: {{ format: json }}
@@ -790,6 +794,67 @@ async fn upstream_closing_first_delivers_its_last_bytes_and_ends_the_session_wit
         "bytes after the upstream closed are dropped"
     );
     drop(s);
+    bed.control().await;
+    bed.settle().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_mid_data_makes_postfix_log_lost_connection_and_queue_nothing() {
+    let pf = Postfix::start(PostfixOptions::default());
+    let bed = Bed::start(Upstream::At(pf.proxy_addr())).await;
+    let wait = Duration::from_secs(20);
+    // The probe works: a whole message through the same listener is delivered.
+    let (mut s, _) = implicit_session(bed.addr("smtps")).await;
+    deliver(&mut s, "Subject: whole\r\n\r\ndelivered before the cut").await;
+    drop(s);
+    pf.wait_for_message("delivered before the cut", wait);
+
+    // Mid-DATA, the client vanishes: FIN without close_notify, then a TCP RST. Nothing the
+    // proxy sends may complete the message (no CRLF.CRLF of its own making).
+    for (n, rst) in [(1, false), (2, true)] {
+        let (mut s, me) = implicit_session(bed.addr("smtps")).await;
+        assert!(s.reply().await.unwrap().starts_with("220"));
+        assert!(s.cmd("EHLO client.test").await.starts_with("250"));
+        assert!(
+            s.cmd("MAIL FROM:<cut@client.test>")
+                .await
+                .starts_with("250")
+        );
+        assert!(
+            s.cmd("RCPT TO:<user@example.test>")
+                .await
+                .starts_with("250")
+        );
+        assert!(s.cmd("DATA").await.starts_with("354"));
+        s.send(b"Subject: cut\r\n\r\ncut-marker, half a mess\r\n")
+            .await;
+        let (tcp, _) = s.stream.into_inner();
+        if rst {
+            abort(tcp);
+        } else {
+            drop(tcp);
+        }
+        bed.proxy.session_line(me).await;
+        let deadline = Instant::now() + wait;
+        while pf.log().matches("lost connection after DATA").count() < n {
+            assert!(Instant::now() < deadline, "Postfix log:\n{}", pf.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    // A later message is delivered, the cut ones never entered the queue.
+    let (mut s, _) = implicit_session(bed.addr("smtps")).await;
+    deliver(&mut s, "Subject: after\r\n\r\ndelivered after the cut").await;
+    drop(s);
+    pf.wait_for_message("delivered after the cut", wait);
+    assert!(
+        !pf.messages().iter().any(|m| m.contains("cut-marker")),
+        "a cut message was delivered"
+    );
+    assert!(
+        !pf.log().contains("from=<cut@client.test>"),
+        "a cut message was queued:\n{}",
+        pf.log()
+    );
     bed.control().await;
     bed.settle().await;
 }
