@@ -342,3 +342,33 @@ async fn tls13_session_tickets_are_off_on_starttls_listeners_and_on_for_implicit
         "no ticket on STARTTLS"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_pipelined_after_starttls_are_discarded_and_never_logged() {
+    // Catalogue SM-16 / promise P12: AUTH arguments never reach a log line.
+    let mta = FakeMta::start().await;
+    let proxy = setup_with(mta.addr, "").await;
+    let (mut smtp, client) = plain(&proxy, "submission").await;
+    smtp.cmd("EHLO x").await;
+    // Before TLS on 587: refused, and its argument is not logged either.
+    let reply = smtp.cmd("AUTH PLAIN AGFsaWNlAHByZS10bHMtc2VjcmV0").await;
+    assert!(reply.starts_with("530"), "{reply}");
+    smtp.send(b"STARTTLS\r\nAUTH PLAIN AGFsaWNlAGh1bnRlcjI=\r\nMAIL FROM:<a@b>\r\n")
+        .await;
+    assert!(smtp.reply().await.unwrap().starts_with("220"));
+    let mut tls = upgrade(smtp).await;
+    assert!(tls.cmd("QUIT").await.starts_with("221"));
+    let line = proxy.session_line(client).await;
+    assert_eq!(line["pipelined_discarded"], 50, "33 + 17 bytes");
+    let warning = proxy
+        .wait_for_log(|l| l["message"] == "discarded bytes pipelined after STARTTLS")
+        .await;
+    assert_eq!(warning["verbs"], "AUTH,MAIL", "{warning}");
+    let logs = proxy.log_text();
+    for secret in ["AGFsaWNlAGh1bnRlcjI", "AGFsaWNlAHByZS10bHMtc2VjcmV0"] {
+        assert!(
+            !logs.contains(secret),
+            "a credential reached the log:\n{logs}"
+        );
+    }
+}
