@@ -12,6 +12,8 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 /// v2 allows 16 + 65535 bytes; load balancers send a few dozen. Anything bigger is refused
 /// rather than buffered.
 pub const MAX_INBOUND_HEADER: usize = 4096;
+/// A v1 line with its CRLF is at most 107 bytes (the PROXY specification §2.1).
+const V1_MAX_LINE: usize = 107;
 const V1_PREFIX: &[u8] = b"PROXY ";
 const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
 
@@ -40,11 +42,31 @@ pub fn parse(buf: &[u8]) -> Parsed {
     if !maybe_v1 && !maybe_v2 {
         return Parsed::Invalid("no PROXY header from a load balancer that must send one".into());
     }
+    // v1 is decided on its whole line only: ppp reads a line cut by a read boundary (after
+    // "40000 ", say) as a malformed one, which would refuse a header split across reads.
+    let v1_line = maybe_v1 && !maybe_v2;
+    let buf = if v1_line {
+        match buf.windows(2).position(|w| w == b"\r\n") {
+            // ppp ends a line at its first CR, whatever follows it, and takes a LF before
+            // it as the terminator: a line must hold neither.
+            Some(end) if buf[..end].iter().any(|&b| b == b'\r' || b == b'\n') => {
+                return Parsed::Invalid("PROXY v1: CR or LF inside the header line".into());
+            }
+            Some(end) => &buf[..end + 2],
+            None if buf.len() >= V1_MAX_LINE => {
+                return Parsed::Invalid(format!(
+                    "PROXY v1: no CRLF in the first {V1_MAX_LINE} bytes"
+                ));
+            }
+            None => return Parsed::Incomplete,
+        }
+    } else {
+        buf
+    };
     let result = HeaderResult::parse(buf);
     if result.is_incomplete() {
         // ppp calls a v1 line with missing fields "incomplete" even when its CRLF is there.
-        let v1_line_ended = maybe_v1 && buf.windows(2).any(|w| w == b"\r\n");
-        return if v1_line_ended {
+        return if v1_line {
             Parsed::Invalid("PROXY v1: malformed header line".into())
         } else if buf.len() >= MAX_INBOUND_HEADER {
             Parsed::Invalid(format!(
@@ -202,6 +224,21 @@ mod tests {
             parse(b"PROXY TCP4 garbage\r\n"),
             Parsed::Invalid(_)
         ));
+    }
+
+    #[test]
+    fn v1_is_decided_on_its_whole_crlf_line() {
+        let line = b"PROXY TCP4 192.0.2.7 198.51.100.1 40000 25\r\n";
+        for cut in 0..line.len() {
+            assert_eq!(parse(&line[..cut]), Parsed::Incomplete, "cut at {cut}");
+        }
+        let mut long = b"PROXY TCP4 ".to_vec();
+        long.resize(V1_MAX_LINE, b'1');
+        assert!(matches!(parse(&long), Parsed::Invalid(_)));
+        // ppp alone would take "PROXY UNKNOWN \n\rX" as a header, eating the X.
+        for bad in [&b"PROXY UNKNOWN \n\rX\r\n"[..], b"PROXY UNKNOWN\rX\r\n"] {
+            assert!(matches!(parse(bad), Parsed::Invalid(_)), "{bad:?}");
+        }
     }
 
     #[test]
