@@ -12,6 +12,9 @@ use std::net::{IpAddr, SocketAddr};
 pub const MAX_HEADER_LEN: usize = 536;
 /// X.520 ub-common-name: longer CNs are cut to this many bytes.
 pub const MAX_CN_LEN: usize = 64;
+/// A DNS name is at most 253 bytes, and HAProxy refuses a longer AUTHORITY than 255: a longer
+/// SNI is no host name and is left out rather than cut.
+pub const MAX_AUTHORITY_LEN: usize = 255;
 
 const SIGNATURE: [u8; 12] = [
     0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
@@ -108,7 +111,10 @@ pub fn encode_v2(
     if let Some(t) = tls {
         alpn = t.alpn.filter(|a| !a.is_empty() && a.len() <= 255);
         ssl = ssl_value(t);
-        authority = t.sni.map(str::as_bytes).filter(|s| !s.is_empty());
+        authority = t
+            .sni
+            .map(str::as_bytes)
+            .filter(|s| !s.is_empty() && s.len() <= MAX_AUTHORITY_LEN);
     }
     let crc_len = TLV_HEADER_LEN + 4;
     let mut used = out.len()

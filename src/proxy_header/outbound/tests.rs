@@ -202,3 +202,20 @@ fn v2_local_parses() {
     let header = Header::try_from(bytes.as_slice()).unwrap();
     assert_eq!(header.command, Command::Local);
 }
+
+#[test]
+fn v2_sni_longer_than_a_host_name_is_left_out() {
+    let fp = [1u8; 32];
+    let sni = "a".repeat(MAX_AUTHORITY_LEN + 1);
+    let bytes = encode_v2(
+        "127.0.0.2:1".parse().unwrap(),
+        "127.0.0.1:2".parse().unwrap(),
+        "id",
+        Some(&facts(&sni, None, &fp)),
+    );
+    let header = Header::try_from(bytes.as_slice()).unwrap();
+    assert!(
+        tlvs(&header).iter().all(|(k, _)| *k != 0x02),
+        "no AUTHORITY"
+    );
+}
