@@ -66,6 +66,37 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     validate::validate(path, parsed)
 }
 
+/// `load` over YAML text, without environment overrides (the `config` fuzz target and its
+/// corpus test): parsed and validated by the same code, errors name `path` as the file.
+#[doc(hidden)]
+pub fn load_str(path: &Path, yaml: &str) -> Result<Config, ConfigError> {
+    let figment = Figment::new().merge(YamlText { path, yaml });
+    let parsed: file::FileConfig = figment.extract().map_err(|e| from_figment(path, e))?;
+    validate::validate(path, parsed)
+}
+
+/// YAML text that figment reports as the file `path`, as `Yaml::file_exact` would.
+struct YamlText<'a> {
+    path: &'a Path,
+    yaml: &'a str,
+}
+
+impl figment::Provider for YamlText<'_> {
+    fn metadata(&self) -> figment::Metadata {
+        figment::Metadata::from("YAML file", self.path)
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        figment::Provider::data(&serde_saphyr::figment::Yaml::string(self.yaml))
+    }
+
+    fn profile(&self) -> Option<figment::Profile> {
+        figment::Provider::profile(&serde_saphyr::figment::Yaml::string(self.yaml))
+    }
+}
+
 fn from_figment(path: &Path, err: figment::Error) -> ConfigError {
     let err = err
         .into_iter()
