@@ -16,6 +16,8 @@ pub const MAX_INBOUND_HEADER: usize = 4096;
 const V1_MAX_LINE: usize = 107;
 const V1_PREFIX: &[u8] = b"PROXY ";
 const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+/// v2's fixed part: signature, version/command, family, and the 2-byte length after it.
+const V2_FIXED: usize = 16;
 
 /// The addresses a header carries; `None` for v2 LOCAL, v1 UNKNOWN and non-IP families
 /// (the connection's own addresses apply, as the PROXY specification says).
@@ -63,6 +65,16 @@ pub fn parse(buf: &[u8]) -> Parsed {
     } else {
         buf
     };
+    // v2 states its length up front: one over the cap is refused on sight, not waited for
+    // until the cap's worth of bytes (or the timeout) arrives (catalogue PI-6).
+    if maybe_v2 && buf.len() >= V2_FIXED {
+        let declared = V2_FIXED + usize::from(u16::from_be_bytes([buf[14], buf[15]]));
+        if declared > MAX_INBOUND_HEADER {
+            return Parsed::Invalid(format!(
+                "PROXY header longer than {MAX_INBOUND_HEADER} bytes (v2 declares {declared})"
+            ));
+        }
+    }
     let result = HeaderResult::parse(buf);
     if result.is_incomplete() {
         // ppp calls a v1 line with missing fields "incomplete" even when its CRLF is there.
@@ -239,6 +251,22 @@ mod tests {
         for bad in [&b"PROXY UNKNOWN \n\rX\r\n"[..], b"PROXY UNKNOWN\rX\r\n"] {
             assert!(matches!(parse(bad), Parsed::Invalid(_)), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn v2_declaring_more_than_the_cap_is_refused_before_its_bytes_arrive() {
+        let fixed = |declared: u16| {
+            let mut h = V2_SIGNATURE.to_vec();
+            h.extend_from_slice(&[0x21, 0x11]);
+            h.extend_from_slice(&declared.to_be_bytes());
+            h
+        };
+        assert!(matches!(parse(&fixed(u16::MAX)), Parsed::Invalid(_)));
+        let over = (MAX_INBOUND_HEADER - V2_FIXED + 1) as u16;
+        assert!(matches!(parse(&fixed(over)), Parsed::Invalid(_)));
+        // Exactly at the cap: waited for.
+        let at = (MAX_INBOUND_HEADER - V2_FIXED) as u16;
+        assert_eq!(parse(&fixed(at)), Parsed::Incomplete);
     }
 
     #[test]
