@@ -27,7 +27,9 @@ pub struct Upstream {
     pub addr: SocketAddr,
 }
 
-/// Why the upstream could not be used. Never the client's fault: always a 4xx.
+/// Why the upstream could not be used. Our faults (and the MTA's) are a 4xx for the client;
+/// only `Refused` (a 5xx greeting: the MTA's own policy, e.g. a blocklisted client) is
+/// passed on as the MTA's permanent reply (catalogue HO-3).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum UpstreamError {
     Resolve(String),
@@ -35,6 +37,8 @@ pub enum UpstreamError {
     Timeout(&'static str),
     Tls(String),
     Greeting(String),
+    /// The MTA greeted with 5xx; its reply, complete with CRLFs.
+    Refused(Vec<u8>),
 }
 
 impl UpstreamError {
@@ -46,12 +50,17 @@ impl UpstreamError {
             UpstreamError::Timeout(_) => "timeout",
             UpstreamError::Tls(_) => "tls",
             UpstreamError::Greeting(_) => "greeting",
+            UpstreamError::Refused(_) => "refused",
         }
     }
 
-    /// The reply the client gets: temporary, so the sender retries.
+    /// The reply the client gets: temporary, so the sender retries, except the MTA's own
+    /// 5xx refusal, which stays permanent.
     pub fn reply(&self, hostname: &str) -> Vec<u8> {
-        reply::upstream_unavailable(hostname)
+        match self {
+            UpstreamError::Refused(greeting) => greeting.clone(),
+            _ => reply::upstream_unavailable(hostname),
+        }
     }
 }
 
@@ -63,6 +72,9 @@ impl fmt::Display for UpstreamError {
             UpstreamError::Timeout(phase) => write!(f, "timeout during {phase}"),
             UpstreamError::Tls(e) => write!(f, "tls: {e}"),
             UpstreamError::Greeting(e) => write!(f, "greeting: {e}"),
+            UpstreamError::Refused(g) => {
+                write!(f, "refused: {}", String::from_utf8_lossy(g).trim_end())
+            }
         }
     }
 }

@@ -230,13 +230,24 @@ async fn connect_greeted(
     header: &[u8],
 ) -> Result<upstream::Upstream, UpstreamError> {
     let up = upstream::connect(&l.upstream, header).await?;
-    if up.greeting_code / 100 != 2 {
-        crate::metrics::metrics().upstream_failure(&l.upstream.config.name, "greeting");
-        return Err(UpstreamError::Greeting(
-            String::from_utf8_lossy(&up.greeting).trim_end().to_owned(),
-        ));
+    match up.greeting_code / 100 {
+        2 => Ok(up),
+        5 => {
+            crate::metrics::metrics().upstream_failure(&l.upstream.config.name, "refused");
+            // Only the reply itself, never bytes that followed it in the same read.
+            let span = crate::smtp::reply::parse_reply(&up.greeting)
+                .ok()
+                .flatten()
+                .map_or(up.greeting.len(), |s| s.len);
+            Err(UpstreamError::Refused(up.greeting[..span].to_vec()))
+        }
+        _ => {
+            crate::metrics::metrics().upstream_failure(&l.upstream.config.name, "greeting");
+            Err(UpstreamError::Greeting(
+                String::from_utf8_lossy(&up.greeting).trim_end().to_owned(),
+            ))
+        }
     }
-    Ok(up)
 }
 
 /// Postfix-style escaping of logged client bytes.
