@@ -372,3 +372,30 @@ async fn credentials_pipelined_after_starttls_are_discarded_and_never_logged() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_client_hello_on_a_starttls_port_is_closed_without_a_reply_or_an_upstream() {
+    // Catalogue SM-13: an implicit-TLS client pointed at port 25/587.
+    let mta = FakeMta::start().await;
+    let proxy = setup_with(mta.addr, "").await;
+    let tcp = connect_from("127.0.0.2", proxy.addr("smtp")).await;
+    let client = tcp.local_addr().unwrap();
+    let mut smtp = Smtp::new(tcp);
+    assert!(smtp.reply().await.unwrap().starts_with("220"));
+    // The first bytes of a TLS 1.x ClientHello record.
+    smtp.send(&[
+        0x16, 0x03, 0x01, 0x00, 0xf4, 0x01, 0x00, 0x00, 0xf0, 0x03, 0x03,
+    ])
+    .await;
+    // Closed at once (EOF), without a single reply byte.
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(IO_TIMEOUT, smtp.stream.read(&mut buf))
+        .await
+        .expect("closed, not left waiting")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "{:?}", String::from_utf8_lossy(&buf[..n]));
+    let line = proxy.session_line(client).await;
+    assert_eq!(line["outcome"], "protocol_error");
+    assert_eq!(line["reason"], "TLS ClientHello on a STARTTLS port");
+    assert!(mta.conns().is_empty());
+}
