@@ -284,6 +284,7 @@ fn handshake_failures(s: &Scrape) -> f64 {
 
 // ---------------------------------------------------------------- upstream faults
 
+/// Catalogue FT-1, FT-14.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_refusing_gives_421_after_the_post_tls_ehlo_and_right_after_the_implicit_handshake()
  {
@@ -330,6 +331,7 @@ async fn upstream_refusing_gives_421_after_the_post_tls_ehlo_and_right_after_the
     bed.settle().await;
 }
 
+/// Catalogue FT-2, FT-14.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_that_never_greets_gives_421_within_connect_timeout_and_is_let_go() {
     let bed = Bed::start(Upstream::Fault(Fault::NeverGreet)).await;
@@ -367,6 +369,7 @@ async fn upstream_that_never_greets_gives_421_within_connect_timeout_and_is_let_
     bed.settle().await;
 }
 
+/// Catalogue HO-3 (5xx stays 5xx), FT-14.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_greeting_554_reaches_the_client_as_the_mtas_own_5xx_on_every_path() {
     const REFUSAL: &str = "554 5.7.1 fault.mta No SMTP service here\r\n";
@@ -408,6 +411,33 @@ async fn upstream_greeting_554_reaches_the_client_as_the_mtas_own_5xx_on_every_p
     bed.settle().await;
 }
 
+/// Catalogue HO-3 (4xx stays 4xx), FT-1, FT-14.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_greeting_421_gives_a_4xx_on_every_path_and_never_a_5xx() {
+    const BUSY: &str = "421 4.3.2 fault.mta Service temporarily unavailable\r\n";
+    let bed = Bed::start(Upstream::Fault(Fault::Greeting(BUSY))).await;
+    // STARTTLS and plaintext: a non-2xx, non-5xx greeting is our 421 4.3.0 (README).
+    let (mut s, _) = starttls_session(bed.addr("smtp")).await;
+    s.send(b"EHLO client.test\r\n").await;
+    let all = until_closed(&mut s, SECOND).await;
+    assert!(all.starts_with("421 4.3.0 "), "{all}");
+    assert_eq!(all.lines().count(), 1, "{all}");
+    let mut s = Smtp::new(connect_from("127.0.0.1", bed.addr("smtp")).await);
+    s.reply().await.unwrap();
+    assert!(s.cmd("EHLO client.test").await.starts_with("250"));
+    s.send(b"MAIL FROM:<a@client.test>\r\n").await;
+    let all = until_closed(&mut s, SECOND).await;
+    assert!(all.starts_with("421 4.3.0 "), "{all}");
+    assert_no_5xx(&all);
+    // Implicit: the MTA's own 421 as it is.
+    let (mut s, _) = implicit_session(bed.addr("smtps")).await;
+    assert_eq!(s.reply().await.unwrap(), BUSY);
+    drop(s);
+    bed.control().await;
+    bed.settle().await;
+}
+
+/// Catalogue FT-3 (`smtp-sink -Q RCPT`), FT-14.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_closing_after_rcpt_passes_its_421_and_the_client_is_closed_within_1s() {
     const BYE: &str = "421 4.4.2 fault.mta Error: timeout exceeded\r\n";
@@ -466,6 +496,7 @@ async fn mid_data_fault(fault: Fault) -> (String, serde_json::Value) {
     (rest, line)
 }
 
+/// Catalogue FT-3 (`smtp-sink -q DATA`), FT-14.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_closing_mid_data_closes_the_client_within_1s_without_a_250() {
     let (rest, line) = mid_data_fault(Fault::CloseInData {
@@ -477,6 +508,7 @@ async fn upstream_closing_mid_data_closes_the_client_within_1s_without_a_250() {
     assert_eq!(line["transport"], "implicit");
 }
 
+/// Catalogue FT-3 (RST mid-DATA), FT-14.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_reset_mid_data_closes_the_client_within_1s_without_a_250() {
     let (rest, line) = mid_data_fault(Fault::CloseInData {
@@ -488,6 +520,7 @@ async fn upstream_reset_mid_data_closes_the_client_within_1s_without_a_250() {
     assert_eq!(line["outcome"], "reset", "{line}");
 }
 
+/// Catalogue FT-3 (`smtp-sink -A`), FT-14.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_failing_the_message_after_data_passes_its_451_and_closes_within_1s() {
     const FAILED: &str = "451 4.3.0 fault.mta Error: queue file write error\r\n";
@@ -500,6 +533,7 @@ async fn upstream_failing_the_message_after_data_passes_its_451_and_closes_withi
     assert_eq!(rest, FAILED);
 }
 
+/// Catalogue FT-8 (upstream stops reading), FT-14.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_that_stops_reading_mid_data_ends_the_session_at_idle_timeout_with_flat_memory() {
     let bed = Bed::start(Upstream::Fault(Fault::StopReadingInData)).await;
@@ -551,6 +585,7 @@ async fn upstream_that_stops_reading_mid_data_ends_the_session_at_idle_timeout_w
     bed.settle().await;
 }
 
+/// Catalogue FT-8 (client stops reading), FT-14.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_that_stops_reading_while_the_upstream_writes_ends_at_idle_timeout_with_flat_memory()
 {
@@ -599,6 +634,7 @@ async fn client_that_stops_reading_while_the_upstream_writes_ends_at_idle_timeou
 
 // ---------------------------------------------------------------- client faults
 
+/// Catalogue FT-4, ST-11, FT-14.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_aborting_mid_handshake_opens_no_upstream_connection_and_releases_its_descriptor() {
     let bed = Bed::start(Upstream::Fault(Fault::None)).await;
@@ -651,6 +687,7 @@ async fn client_aborting_mid_handshake_opens_no_upstream_connection_and_releases
     bed.settle().await;
 }
 
+/// Catalogue FT-5, TL-11, FT-14.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_aborting_mid_dialogue_or_mid_data_closes_the_upstream_within_1s() {
     let bed = Bed::start(Upstream::Fault(Fault::None)).await;
@@ -701,6 +738,7 @@ async fn client_aborting_mid_dialogue_or_mid_data_closes_the_upstream_within_1s(
     bed.settle().await;
 }
 
+/// Catalogue FT-6 (client half-closes first), FT-14.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_half_close_after_quit_still_gets_every_reply_with_payloads_over_64k_both_ways() {
     let bed = Bed::start(Upstream::Fault(Fault::PaddedReplies(256))).await;
@@ -756,6 +794,7 @@ async fn client_half_close_after_quit_still_gets_every_reply_with_payloads_over_
     bed.settle().await;
 }
 
+/// Catalogue FT-6 (upstream half-closes first, as relay.rs documents it), FT-14.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_closing_first_delivers_its_last_bytes_and_ends_the_session_within_the_linger() {
     let bed = Bed::start(Upstream::Fault(Fault::PaddedReplies(256))).await;
@@ -798,6 +837,7 @@ async fn upstream_closing_first_delivers_its_last_bytes_and_ends_the_session_wit
     bed.settle().await;
 }
 
+/// Catalogue FT-5, TL-11 against a real Postfix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_leaving_mid_data_makes_postfix_log_lost_connection_and_queue_nothing() {
     let pf = Postfix::start(PostfixOptions::default());
@@ -861,6 +901,7 @@ async fn client_leaving_mid_data_makes_postfix_log_lost_connection_and_queue_not
 
 // ---------------------------------------------------------------- slowloris
 
+/// Catalogue SM-19, FT-14.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pre_tls_slowloris_dripping_one_command_line_is_cut_at_command_timeout() {
     let bed = Bed::start(Upstream::Fault(Fault::None)).await;
@@ -920,6 +961,7 @@ async fn pre_tls_slowloris_dripping_one_command_line_is_cut_at_command_timeout()
     bed.settle().await;
 }
 
+/// Catalogue TL-10, ST-12, FT-14.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_handshake_slowloris_is_cut_at_handshake_timeout_on_both_listener_kinds() {
     let bed = Bed::start(Upstream::Fault(Fault::None)).await;
@@ -972,6 +1014,7 @@ async fn tls_handshake_slowloris_is_cut_at_handshake_timeout_on_both_listener_ki
     bed.settle().await;
 }
 
+/// Catalogue FT-8 (idle_timeout in the relay), FT-14.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relay_slowloris_that_stalls_mid_command_is_cut_at_idle_timeout_with_its_upstream() {
     let bed = Bed::start(Upstream::Fault(Fault::None)).await;
@@ -1001,6 +1044,7 @@ async fn relay_slowloris_that_stalls_mid_command_is_cut_at_idle_timeout_with_its
 
 // ---------------------------------------------------------------- hostile TLS
 
+/// Catalogue SM-14, ST-5, ST-11, FT-4, FT-14.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_truncated_hellos_and_plaintext_smtp_fail_the_handshake_at_once_without_an_upstream()
  {
@@ -1081,6 +1125,7 @@ async fn garbage_truncated_hellos_and_plaintext_smtp_fail_the_handshake_at_once_
     bed.settle().await;
 }
 
+/// Catalogue TL-9, FT-14.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls12_renegotiation_attempt_is_refused_and_the_proxy_keeps_serving() {
     let bed = Bed::start(Upstream::Fault(Fault::None)).await;
@@ -1163,6 +1208,7 @@ async fn tls12_renegotiation_attempt_is_refused_and_the_proxy_keeps_serving() {
 
 // ---------------------------------------------------------------- inbound PROXY
 
+/// Catalogue PI-6, PI-4 (v1 without CRLF), FT-14.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn inbound_proxy_header_declaring_more_than_the_cap_is_refused_at_once() {
     const BALANCER: &str = "127.0.0.7";
@@ -1225,6 +1271,7 @@ async fn inbound_proxy_header_declaring_more_than_the_cap_is_refused_at_once() {
 
 // ---------------------------------------------------------------- descriptors
 
+/// Catalogue FT-9, FT-14.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn descriptor_exhaustion_backs_off_keeps_established_sessions_and_recovers() {
     const NOFILE: u64 = 96;
