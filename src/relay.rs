@@ -67,6 +67,10 @@ pub struct RelayReport {
     pub bytes_from_client: u64,
     pub bytes_from_upstream: u64,
     pub end: RelayEnd,
+    /// How the client closed its side, if it did: `Some(true)` a clean end of stream (TLS
+    /// close_notify, or FIN in plaintext), `Some(false)` TLS cut without close_notify
+    /// (a truncation, catalogue TL-11).
+    pub client_clean_close: Option<bool>,
 }
 
 /// How the relay ended.
@@ -133,12 +137,18 @@ where
         let read_client = client_open && held.is_empty() && smtp.wants_client_input();
         tokio::select! {
             r = read_into(client, &mut held), if read_client => match r {
-                Ok(0) => client_open = false,
+                Ok(0) => {
+                    client_open = false;
+                    report.client_clean_close = Some(true);
+                }
                 Ok(n) => {
                     report.bytes_from_client += n as u64;
                     (last, released) = (Instant::now(), false);
                 }
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => client_open = false,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    client_open = false;
+                    report.client_clean_close = Some(false);
+                }
                 Err(_) => break RelayEnd::Reset,
             },
             r = read_into(upstream, &mut from_upstream) => match r {

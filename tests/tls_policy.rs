@@ -120,3 +120,29 @@ async fn the_server_picks_aes_128_gcm_even_when_the_client_prefers_aes_256() {
         rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_without_close_notify_is_logged_as_truncated() {
+    // Catalogue TL-11: a truncation attack looks like a clean close unless it is told apart.
+    use tokio::io::AsyncWriteExt;
+    let (mta, proxy) = setup().await;
+    for clean in [true, false] {
+        let tcp = connect_from("127.0.0.1", proxy.addr("smtps")).await;
+        let client = tcp.local_addr().unwrap();
+        let tls = tls_handshake(tcp, inspecting_client(None), Some("mx.example.test"))
+            .await
+            .unwrap();
+        let mut smtp = Smtp::new(tls);
+        assert!(smtp.reply().await.unwrap().starts_with("220"));
+        assert!(smtp.cmd("EHLO client.test").await.starts_with("250"));
+        if clean {
+            smtp.stream.shutdown().await.unwrap(); // close_notify, then FIN
+        } else {
+            smtp.stream.get_mut().0.shutdown().await.unwrap(); // FIN only
+        }
+        let line = proxy.session_line(client).await;
+        let expected = if clean { "clean" } else { "truncated" };
+        assert_eq!(line["client_close"], expected, "{line}");
+    }
+    drop(mta);
+}

@@ -235,6 +235,7 @@ impl Drop for Active {
 pub fn finish_relay(report: &mut SessionReport, r: crate::relay::RelayReport) {
     report.bytes_from_client += r.bytes_from_client;
     report.bytes_from_upstream += r.bytes_from_upstream;
+    report.client_clean_close = r.client_clean_close;
     report.outcome = match r.end {
         crate::relay::RelayEnd::Closed => Outcome::Relayed,
         crate::relay::RelayEnd::IdleTimeout => Outcome::Timeout("idle"),

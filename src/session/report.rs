@@ -105,6 +105,8 @@ pub struct SessionReport {
     pub upstream_addr: Option<SocketAddr>,
     pub bytes_from_client: u64,
     pub bytes_from_upstream: u64,
+    /// From the relay: whether the client ended with close_notify (TLS) or FIN (plaintext).
+    pub client_clean_close: Option<bool>,
     pub started: Instant,
     pub outcome: Outcome,
 }
@@ -123,6 +125,7 @@ impl SessionReport {
             upstream_addr: None,
             bytes_from_client: 0,
             bytes_from_upstream: 0,
+            client_clean_close: None,
             started: Instant::now(),
             outcome: Outcome::ClientClosed,
         }
@@ -153,6 +156,11 @@ impl SessionReport {
             upstream_addr = %self.upstream_addr.map(|a| a.to_string()).unwrap_or_default(),
             bytes_from_client = self.bytes_from_client,
             bytes_from_upstream = self.bytes_from_upstream,
+            client_close = match self.client_clean_close {
+                Some(true) => "clean",
+                Some(false) => "truncated",
+                None => "",
+            },
             duration_ms = self.started.elapsed().as_millis() as u64,
             outcome = self.outcome.kind(),
             reason = %self.outcome.reason(),
