@@ -39,7 +39,7 @@ thread_local! {
 }
 
 /// Reads once from `r` into the end of `out`, through the thread's scratch buffer.
-fn read_into<'a, R: AsyncRead + Unpin>(r: &'a mut R, out: &'a mut Vec<u8>) -> ReadInto<'a, R> {
+fn read_into<'a, R: AsyncRead + AsyncWrite + Unpin>(r: &'a mut R, out: &'a mut Vec<u8>) -> ReadInto<'a, R> {
     ReadInto { r, out }
 }
 
@@ -48,14 +48,23 @@ struct ReadInto<'a, R> {
     out: &'a mut Vec<u8>,
 }
 
-impl<R: AsyncRead + Unpin> Future for ReadInto<'_, R> {
+impl<R: AsyncRead + AsyncWrite + Unpin> Future for ReadInto<'_, R> {
     type Output = io::Result<usize>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         SCRATCH.with_borrow_mut(|scratch| {
             let mut buf = ReadBuf::new(scratch);
-            ready!(Pin::new(&mut *this.r).poll_read(cx, &mut buf))?;
+            let read = Pin::new(&mut *this.r).poll_read(cx, &mut buf);
+            if read.is_pending() {
+                // TLS records rustls queued while reading without yielding data (the
+                // no_renegotiation warning to a TLS 1.2 renegotiation, catalogue TL-9; a
+                // KeyUpdate answer) only leave on a write or flush: send them now. A no-op
+                // on plain TCP; an error here shows up on the next read.
+                let _ = Pin::new(&mut *this.r).poll_flush(cx);
+                return Poll::Pending;
+            }
+            ready!(read)?;
             this.out.extend_from_slice(buf.filled());
             Poll::Ready(Ok(buf.filled().len()))
         })
@@ -214,7 +223,7 @@ async fn write<W: AsyncWrite + Unpin>(
 }
 
 /// Waits (bounded) for the client to close after the upstream did; its bytes go nowhere.
-async fn linger<C: AsyncRead + Unpin>(client: &mut C) {
+async fn linger<C: AsyncRead + AsyncWrite + Unpin>(client: &mut C) {
     let mut sink = Vec::new();
     let _ = tokio::time::timeout(UPSTREAM_CLOSED_LINGER, async {
         while let Ok(n) = read_into(client, &mut sink).await {

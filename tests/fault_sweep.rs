@@ -1181,6 +1181,8 @@ async fn tls12_renegotiation_attempt_is_refused_and_the_proxy_keeps_serving() {
                 .is_some_and(|m| m.contains("NoRenegotiation"))
         })
         .await;
+    // ... and the warning reaches the client (the relay flushes after every client read).
+    wait_out("no_renegotiation").await;
     let after: Vec<String> = out
         .lock()
         .unwrap()
