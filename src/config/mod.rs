@@ -42,12 +42,35 @@ impl ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.key.is_empty() {
-            write!(f, "{}: {}", self.source, self.reason)
+        let (source, key, reason) = (
+            one_line(&self.source),
+            one_line(&self.key),
+            one_line(&self.reason),
+        );
+        if key.is_empty() {
+            write!(f, "{source}: {reason}")
         } else {
-            write!(f, "{}: {}: {}", self.source, self.key, self.reason)
+            write!(f, "{source}: {key}: {reason}")
         }
     }
+}
+
+/// Control characters escaped: a key the user typed (a YAML key may hold line breaks) or a
+/// reason quoting it must not break the one-line error or the log line that carries it.
+fn one_line(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.contains(char::is_control) {
+        return s.into();
+    }
+    s.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect::<String>()
+        .into()
 }
 
 impl std::error::Error for ConfigError {}
@@ -119,5 +142,35 @@ fn from_figment(path: &Path, err: figment::Error) -> ConfigError {
         source,
         key,
         reason: err.kind.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_error_prints_on_one_line() {
+        let e = ConfigError {
+            source: "proxy.yaml".into(),
+            key: "upstreams.a\nb".into(),
+            reason: "unknown field: found `a\nb`".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "proxy.yaml: upstreams.a\\nb: unknown field: found `a\\nb`"
+        );
+    }
+
+    #[test]
+    fn text_errors_name_the_given_file() {
+        let yaml = "upstreams:\n  mta: { address: \"127.0.0.1:10025\" }\ncertificates:\n  - self_signed: [localhost]\nlisteners:\n  smtp: { listen: \"127.0.0.1:0\", mode: starttls, hostname: localhost, upstream: mtx }\n";
+        let e = load_str(Path::new("/etc/proxy.yaml"), yaml).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "/etc/proxy.yaml: listeners.smtp.upstream: no upstream named \"mtx\""
+        );
+        let e = load_str(Path::new("/etc/proxy.yaml"), "listeners: [").unwrap_err();
+        assert_eq!(e.source, "/etc/proxy.yaml");
     }
 }
