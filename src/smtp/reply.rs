@@ -53,6 +53,10 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<ReplySpan>, ReplyError> {
             + (u16::from(text[1] - b'0') * 10)
             + u16::from(text[2] - b'0');
         start += nl + 1;
+        // The bound holds for complete replies too, or it would depend on how reads cut them.
+        if start > MAX_REPLY_LEN {
+            return Err(ReplyError::TooLong);
+        }
         match text.get(3) {
             Some(b'-') => continue,
             None | Some(b' ') => return Ok(Some(ReplySpan { code, len: start })),
@@ -156,5 +160,11 @@ mod tests {
             buf.extend_from_slice(b"250-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n");
         }
         assert_eq!(parse_reply(&buf), Err(ReplyError::TooLong));
+        buf.extend_from_slice(b"250 end\r\n");
+        assert_eq!(
+            parse_reply(&buf),
+            Err(ReplyError::TooLong),
+            "complete, in one read"
+        );
     }
 }

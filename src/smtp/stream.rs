@@ -228,7 +228,17 @@ impl SmtpStream {
         to_client: &mut Vec<u8>,
     ) -> Result<(), ReplyError> {
         self.replies.extend_from_slice(input);
-        while let Some(span) = parse_reply(&self.replies)? {
+        loop {
+            let span = match parse_reply(&self.replies) {
+                Ok(Some(span)) => span,
+                Ok(None) => break,
+                Err(e) => {
+                    // Our replies owed before the bad one still go out, as they would have
+                    // had the good replies arrived in an earlier read.
+                    self.flush_locals(to_client);
+                    return Err(e);
+                }
+            };
             let reply: Vec<u8> = self.replies.drain(..span.len).collect();
             // Replies of ours owed before this one go first; then the front is ours to match.
             self.flush_locals(to_client);

@@ -120,3 +120,16 @@ fn end_of_data_is_found_at_every_split_point() {
         assert_eq!(s.expects.len(), 2, "end of data and QUIT at split {split}");
     }
 }
+
+#[test]
+fn our_replies_owed_before_a_malformed_reply_still_go_out() {
+    let mut s = SmtpStream::default();
+    client(&mut s, b"NOOP\r\nSTARTTLS\r\nNOOP\r\n");
+    let mut out = Vec::new();
+    let r = s.upstream_bytes(b"250 ok\r\nHTTP/1.1 200 OK\r\n", &mut out);
+    assert!(matches!(r, Err(ReplyError::Malformed(_))));
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        "250 ok\r\n554 5.5.1 Error: TLS already active\r\n"
+    );
+}
