@@ -24,6 +24,7 @@
 //! - [`relay`] — both directions, half-close, idle timeout, byte counts.
 //! - [`smtp`] — pure SMTP pieces (reply parsing, our replies).
 //! - [`check`], [`telemetry`].
+//! - `fuzz_checks` (hidden) — the invariants the `fuzz/` targets and `tests/fuzz_corpus.rs` assert.
 //!
 //! # Data flow
 //! ```text
@@ -37,6 +38,8 @@
 pub mod acme;
 pub mod check;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzz_checks;
 pub mod health;
 pub mod http;
 pub mod io;

@@ -1,0 +1,3 @@
+#![no_main]
+// Invariants: smtp_tls_proxy::fuzz_checks::check_proxy_outbound (src/fuzz_checks).
+libfuzzer_sys::fuzz_target!(|data: &[u8]| smtp_tls_proxy::fuzz_checks::check_proxy_outbound(data));
