@@ -39,7 +39,10 @@ thread_local! {
 }
 
 /// Reads once from `r` into the end of `out`, through the thread's scratch buffer.
-fn read_into<'a, R: AsyncRead + AsyncWrite + Unpin>(r: &'a mut R, out: &'a mut Vec<u8>) -> ReadInto<'a, R> {
+fn read_into<'a, R: AsyncRead + AsyncWrite + Unpin>(
+    r: &'a mut R,
+    out: &'a mut Vec<u8>,
+) -> ReadInto<'a, R> {
     ReadInto { r, out }
 }
 
