@@ -40,6 +40,16 @@ pub fn check_proxy_inbound(data: &[u8]) {
             if header.starts_with(V2_SIGNATURE) {
                 let declared = usize::from(u16::from_be_bytes([header[14], header[15]]));
                 assert_eq!(len, 16 + declared, "v2 length is the declared one");
+                let parsed = ppp::v2::Header::try_from(header).expect("ppp agrees it is a header");
+                assert!(
+                    parsed.tlvs().all(|t| t.is_ok()),
+                    "accepted TLVs are well-formed"
+                );
+                assert!(
+                    parsed.command != ppp::v2::Command::Proxy
+                        || parsed.protocol != ppp::v2::Protocol::Datagram,
+                    "PROXY over TCP only"
+                );
                 let family = header[13] >> 4;
                 match carried {
                     Some((client, _)) => {

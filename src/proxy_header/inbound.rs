@@ -109,6 +109,9 @@ pub fn parse(buf: &[u8]) -> Parsed {
                     "PROXY header longer than {MAX_INBOUND_HEADER} bytes"
                 ));
             }
+            if let Err(reason) = check_v2(&h) {
+                return Parsed::Invalid(format!("PROXY v2: {reason}"));
+            }
             let carried = match (h.command, h.addresses) {
                 (v2::Command::Proxy, v2::Addresses::IPv4(a)) => Some((
                     SocketAddr::from((a.source_address, a.source_port)),
@@ -128,6 +131,47 @@ pub fn parse(buf: &[u8]) -> Parsed {
         HeaderResult::V1(Err(e)) => Parsed::Invalid(format!("PROXY v1: {e}")),
         HeaderResult::V2(Err(e)) => Parsed::Invalid(format!("PROXY v2: {e}")),
     }
+}
+
+/// What `ppp` leaves unchecked (catalogue PI-4): a UDP header on a TCP listener, TLVs that
+/// overrun the declared length or are cut short, AUTHORITY over 255 and UNIQUE_ID over 128
+/// bytes (the spec's bounds), and a CRC32C TLV that does not match the header.
+fn check_v2(h: &v2::Header<'_>) -> Result<(), String> {
+    if h.command == v2::Command::Proxy && h.protocol == v2::Protocol::Datagram {
+        return Err("a UDP (DGRAM) header on a TCP listener".into());
+    }
+    let bytes = h.as_bytes();
+    let mut off = bytes.len() - h.tlv_bytes().len();
+    while off < bytes.len() {
+        if bytes.len() - off < 3 {
+            return Err(format!("a TLV cut short ({} bytes)", bytes.len() - off));
+        }
+        let kind = bytes[off];
+        let len = usize::from(u16::from_be_bytes([bytes[off + 1], bytes[off + 2]]));
+        let (start, end) = (off + 3, off + 3 + len);
+        if end > bytes.len() {
+            return Err(format!(
+                "TLV 0x{kind:02x} of {len} bytes overruns the header"
+            ));
+        }
+        match kind {
+            0x02 if len > 255 => return Err(format!("AUTHORITY of {len} bytes (at most 255)")),
+            0x05 if len > 128 => return Err(format!("UNIQUE_ID of {len} bytes (at most 128)")),
+            0x03 => {
+                let value: [u8; 4] = bytes[start..end]
+                    .try_into()
+                    .map_err(|_| format!("CRC32C TLV of {len} bytes (must be 4)"))?;
+                let mut zeroed = bytes.to_vec();
+                zeroed[start..end].fill(0);
+                if crate::proxy_header::outbound::crc32c(&zeroed) != u32::from_be_bytes(value) {
+                    return Err("CRC32C does not match the header".into());
+                }
+            }
+            _ => {}
+        }
+        off = end;
+    }
+    Ok(())
 }
 
 /// Why no header could be read.
@@ -274,5 +318,56 @@ mod tests {
         let mut input = b"PROXY TCP4 ".to_vec();
         input.resize(MAX_INBOUND_HEADER, b'1');
         assert!(matches!(parse(&input), Parsed::Invalid(_)));
+    }
+
+    /// A v2 PROXY/TCP4 header with `tlvs` appended and the length fixed up.
+    fn v2_with(tlvs: &[u8], protocol: u8) -> Vec<u8> {
+        let mut h = V2_SIGNATURE.to_vec();
+        h.extend_from_slice(&[0x21, 0x10 | protocol, 0, 0]);
+        h.extend_from_slice(&[192, 0, 2, 7, 198, 51, 100, 1, 0x9c, 0x40, 0, 25]);
+        h.extend_from_slice(tlvs);
+        let len = (h.len() - V2_FIXED) as u16;
+        h[14..16].copy_from_slice(&len.to_be_bytes());
+        h
+    }
+
+    fn invalid(input: &[u8]) -> String {
+        match parse(input) {
+            Parsed::Invalid(r) => r,
+            other => panic!("accepted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn v2_tlvs_and_protocol_are_checked() {
+        assert!(matches!(
+            parse(&v2_with(&[0x04, 0, 1, 9], 1)),
+            Parsed::Done { .. }
+        ));
+        // A TLV running past the declared length, and one cut inside its own header.
+        assert!(invalid(&v2_with(&[0x04, 0, 9, 1, 2], 1)).contains("overruns"));
+        assert!(invalid(&v2_with(&[0x04, 0], 1)).contains("cut short"));
+        // The spec's bounds.
+        let mut authority = vec![0x02, 1, 0];
+        authority.extend_from_slice(&[b'a'; 256]);
+        assert!(invalid(&v2_with(&authority, 1)).contains("AUTHORITY of 256"));
+        let mut unique = vec![0x05, 0, 129];
+        unique.extend_from_slice(&[7; 129]);
+        assert!(invalid(&v2_with(&unique, 1)).contains("UNIQUE_ID of 129"));
+        // UDP on a TCP listener.
+        assert!(invalid(&v2_with(&[], 2)).contains("UDP"));
+    }
+
+    #[test]
+    fn v2_crc32c_must_match() {
+        let good =
+            outbound::encode_v2(addr("192.0.2.7:40000"), addr("198.51.100.1:25"), "id", None);
+        assert!(matches!(parse(&good), Parsed::Done { .. }));
+        let mut bad = good.clone();
+        let last = bad.len() - 1; // the CRC32C TLV comes last in our encoder
+        bad[last] ^= 0xff;
+        assert!(invalid(&bad).contains("CRC32C"));
+        let short = v2_with(&[0x03, 0, 2, 0, 0], 1);
+        assert!(invalid(&short).contains("must be 4"));
     }
 }
