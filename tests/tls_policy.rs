@@ -146,3 +146,52 @@ async fn a_client_leaving_without_close_notify_is_logged_as_truncated() {
     }
     drop(mta);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_1_1_sender_fails_the_handshake_and_can_still_deliver_in_plaintext_on_port_25() {
+    // Catalogue TL-1: rustls has no TLS 1.0/1.1; such senders fall back to plaintext on 25
+    // (RFC 3207 senders do when STARTTLS fails), so the failure must be clean and the
+    // listener must keep taking plaintext mail.
+    let pki = TestPki::new();
+    let mta = FakeMta::start().await;
+    let mx = pki.server_cert("mx", &["mx.example.test"], false);
+    let proxy = spawn_proxy(&yaml(
+        mta.addr,
+        "",
+        &cert_entry(&mx),
+        "  smtp:\n    listen: \"127.0.0.1:0\"\n    mode: starttls\n    hostname: mx.example.test\n    upstream: mta\n",
+    ));
+    let addr = proxy.addr("smtp").to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new("openssl")
+            .args(["s_client", "-connect", &addr, "-starttls", "smtp"])
+            .args(["-tls1_1", "-cipher", "DEFAULT@SECLEVEL=0"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("openssl s_client")
+    })
+    .await
+    .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !out.status.success(),
+        "a TLS 1.1 handshake succeeded:\n{text}"
+    );
+    // rustls answers a ClientHello without TLS 1.2/1.3 with a fatal alert (handshake_failure).
+    assert!(text.contains("SSL alert number"), "{text}");
+    assert!(text.contains("Cipher is (NONE)"), "{text}");
+    proxy
+        .wait_for_log(|l| l["outcome"] == "handshake_failed" && l["listener"] == "smtp")
+        .await;
+    assert!(mta.conns().is_empty(), "no upstream for a failed handshake");
+
+    // The same sender retrying without TLS delivers.
+    let tcp = connect_from("127.0.0.1", proxy.addr("smtp")).await;
+    let mut smtp = Smtp::new(tcp);
+    deliver(&mut smtp, "plaintext after a failed TLS 1.1 attempt").await;
+    mta.wait_line(0, |l| l == "QUIT").await;
+}
