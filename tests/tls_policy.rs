@@ -195,3 +195,43 @@ async fn a_tls_1_1_sender_fails_the_handshake_and_can_still_deliver_in_plaintext
     deliver(&mut smtp, "plaintext after a failed TLS 1.1 attempt").await;
     mta.wait_line(0, |l| l == "QUIT").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumed_sessions_never_get_0rtt_so_smtp_commands_are_not_replayable() {
+    // Catalogue TL-8: early data is not replay-safe for SMTP; the server must never offer it.
+    let (_mta, proxy) = setup().await;
+    let mut config = inspecting_client(None);
+    config.enable_early_data = true;
+    let config = std::sync::Arc::new(config);
+    let name = rustls::pki_types::ServerName::try_from("mx.example.test").unwrap();
+
+    // A first session: its tickets arrive with the server's first application data.
+    let tcp = connect_from("127.0.0.1", proxy.addr("smtps")).await;
+    let tls = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name.clone(), tcp)
+        .await
+        .unwrap();
+    let mut smtp = Smtp::new(tls);
+    assert!(smtp.reply().await.unwrap().starts_with("220"));
+    assert!(smtp.cmd("QUIT").await.starts_with("221"));
+
+    // A client holding a ticket would be allowed 0-RTT only if the ticket said so.
+    let mut probe = rustls::ClientConnection::new(config.clone(), name.clone()).unwrap();
+    assert!(
+        probe.early_data().is_none(),
+        "the server's ticket allows early data"
+    );
+
+    // And the ticket does resume: the check above is about a real resumption.
+    let tcp = connect_from("127.0.0.1", proxy.addr("smtps")).await;
+    let tls = tokio_rustls::TlsConnector::from(config.clone())
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let conn = tls.get_ref().1;
+    assert_eq!(conn.handshake_kind(), Some(rustls::HandshakeKind::Resumed));
+    assert!(!conn.is_early_data_accepted());
+    let mut smtp = Smtp::new(tls);
+    assert!(smtp.reply().await.unwrap().starts_with("220"));
+    assert!(smtp.cmd("EHLO client.test").await.starts_with("250"));
+}
