@@ -399,3 +399,53 @@ async fn a_tls_client_hello_on_a_starttls_port_is_closed_without_a_reply_or_an_u
     assert_eq!(line["reason"], "TLS ClientHello on a STARTTLS port");
     assert!(mta.conns().is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plaintext_replay_waits_for_the_upstream_greeting() {
+    // Catalogue HO-4: Postfix >= 3.7.6 answers input sent before its greeting with
+    // "554 SMTP protocol synchronization" and disconnects. This upstream greets late and
+    // records whether anything arrived before its 220.
+    use tokio::io::AsyncWriteExt;
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    let recorder = tokio::spawn(async move {
+        // The first connection with a PROXY (not LOCAL: the health probe) header.
+        let mut s = loop {
+            let (mut s, _) = upstream.accept().await.unwrap();
+            let mut fixed = [0u8; 16];
+            s.read_exact(&mut fixed).await.unwrap();
+            let mut rest = vec![0u8; usize::from(u16::from_be_bytes([fixed[14], fixed[15]]))];
+            s.read_exact(&mut rest).await.unwrap();
+            if fixed[12] & 0x0f == 1 {
+                break s;
+            }
+        };
+        // The late greeting is the fault under test, so the delay is the point here.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut early = [0u8; 64];
+        let early_bytes = match s.try_read(&mut early) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+            Err(e) => panic!("{e}"),
+        };
+        s.write_all(b"220 late.mta ESMTP\r\n").await.unwrap();
+        let mut first = vec![0u8; 256];
+        let n = s.read(&mut first).await.unwrap();
+        first.truncate(n);
+        (early_bytes, String::from_utf8_lossy(&first).into_owned())
+    });
+    let proxy = setup_with(upstream_addr, "").await;
+    let (mut smtp, _) = plain(&proxy, "smtp").await;
+    assert!(smtp.cmd("EHLO client.test").await.starts_with("250"));
+    // MAIL hands the session over; EHLO is replayed to the upstream, MAIL follows it.
+    smtp.send(b"MAIL FROM:<a@client.test>\r\n").await;
+    let (early_bytes, first) = tokio::time::timeout(IO_TIMEOUT, recorder)
+        .await
+        .expect("the upstream saw the replay")
+        .unwrap();
+    assert_eq!(
+        early_bytes, 0,
+        "bytes reached the upstream before its greeting"
+    );
+    assert!(first.starts_with("EHLO client.test\r\n"), "{first:?}");
+}
