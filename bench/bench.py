@@ -656,7 +656,7 @@ def main():
             "(ours also with X25519MLKEM768 offered first); each connection reads the first byte of the sink's greeting "
             "relayed through the candidate (so it includes the upstream connection and the PROXY header). "
             f"{a.gib:g} GiB of message content in one DATA through TLS. {a.idle} idle TLS sessions (greeting received), RSS "
-            f"of the candidate's processes minus its RSS before, after 1 s of settling. {a.sessions} complete STARTTLS "
+            f"of the candidate's processes minus its RSS before, after 2.5 s of settling. {a.sessions} complete STARTTLS "
             "sessions (greeting, EHLO, STARTTLS, handshake, EHLO, MAIL, RCPT, DATA 2 KiB, QUIT) at 8 and 32 concurrent. "
             f"{a.latency} sequential connections for latency; plain TCP to the sink for the baseline: median "
             f"{baseline['median_us']} µs, p99 {baseline['p99_us']} µs. Upstream: PROXY v2 (ours, HAProxy), PROXY v1 "
