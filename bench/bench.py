@@ -431,21 +431,40 @@ CANDIDATES = [Ours, HAProxy, Stunnel, NginxStream, NginxMail, PostfixSelf]
 
 # ------------------------------------------------------------------ measurements
 
-def loadgen(*args, stdin=None):
+LOADGEN_TIMEOUT = 300  # seconds; no measurement here takes more than a minute
+
+
+def loadgen_once(*args, stdin=None):
     """Runs the load generator; returns its JSON result and its own CPU seconds."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run([LOADGEN, *map(str, args)], check=True, capture_output=True, text=True,
-                         stdin=stdin).stdout
+                         stdin=stdin, timeout=LOADGEN_TIMEOUT).stdout
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     client_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     return json.loads(out.strip().splitlines()[-1]), client_cpu
 
 
+def retried(run):
+    """A run that hangs (seen once: a throughput run through nginx stream never got its
+    final reply) is killed after LOADGEN_TIMEOUT and measured again from scratch, once."""
+    try:
+        return run()
+    except subprocess.TimeoutExpired as e:
+        print(f"loadgen hung for {LOADGEN_TIMEOUT} s ({' '.join(map(str, e.cmd[1:3]))}); measuring again",
+              file=sys.stderr, flush=True)
+        return run()
+
+
+def loadgen(*args, stdin=None):
+    return retried(lambda: loadgen_once(*args, stdin=stdin))
+
+
 def measured(c, *args):
-    before = cpu_seconds(c.proc.pid)
-    result, client = loadgen(*args)
-    server = cpu_seconds(c.proc.pid) - before
-    return result, server, client
+    def run():
+        before = cpu_seconds(c.proc.pid)
+        result, client = loadgen_once(*args)
+        return result, cpu_seconds(c.proc.pid) - before, client
+    return retried(run)
 
 
 def m_handshakes(c, key, n, pq=False):
