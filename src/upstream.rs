@@ -24,6 +24,8 @@ pub struct Upstream {
     /// The greeting reply as received, plus anything that followed it in the same read.
     pub greeting: Vec<u8>,
     pub greeting_code: u16,
+    /// Where the greeting reply ends in `greeting`.
+    pub greeting_len: usize,
     pub addr: SocketAddr,
 }
 
@@ -153,6 +155,7 @@ pub async fn connect_uncounted(
         stream,
         greeting,
         greeting_code: span.code,
+        greeting_len: span.len,
         addr,
     })
 }

@@ -11,15 +11,14 @@ mod common;
 use common::*;
 
 async fn setup() -> (FakeMta, RunningProxy) {
+    setup_with(&implicit_listener("smtps", "mx.example.test", "")).await
+}
+
+async fn setup_with(listeners: &str) -> (FakeMta, RunningProxy) {
     let pki = TestPki::new();
     let mta = FakeMta::start().await;
     let mx = pki.server_cert("mx", &["mx.example.test"], false);
-    let proxy = spawn_proxy(&yaml(
-        mta.addr,
-        "",
-        &cert_entry(&mx),
-        &implicit_listener("smtps", "mx.example.test", ""),
-    ));
+    let proxy = spawn_proxy(&yaml(mta.addr, "", &cert_entry(&mx), listeners));
     (mta, proxy)
 }
 
@@ -152,15 +151,10 @@ async fn a_tls_1_1_sender_fails_the_handshake_and_can_still_deliver_in_plaintext
     // Catalogue TL-1: rustls has no TLS 1.0/1.1; such senders fall back to plaintext on 25
     // (RFC 3207 senders do when STARTTLS fails), so the failure must be clean and the
     // listener must keep taking plaintext mail.
-    let pki = TestPki::new();
-    let mta = FakeMta::start().await;
-    let mx = pki.server_cert("mx", &["mx.example.test"], false);
-    let proxy = spawn_proxy(&yaml(
-        mta.addr,
-        "",
-        &cert_entry(&mx),
+    let (mta, proxy) = setup_with(
         "  smtp:\n    listen: \"127.0.0.1:0\"\n    mode: starttls\n    hostname: mx.example.test\n    upstream: mta\n",
-    ));
+    )
+    .await;
     let addr = proxy.addr("smtp").to_string();
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new("openssl")

@@ -235,11 +235,9 @@ async fn connect_greeted(
         5 => {
             crate::metrics::metrics().upstream_failure(&l.upstream.config.name, "refused");
             // Only the reply itself, never bytes that followed it in the same read.
-            let span = crate::smtp::reply::parse_reply(&up.greeting)
-                .ok()
-                .flatten()
-                .map_or(up.greeting.len(), |s| s.len);
-            Err(UpstreamError::Refused(up.greeting[..span].to_vec()))
+            Err(UpstreamError::Refused(
+                up.greeting[..up.greeting_len].to_vec(),
+            ))
         }
         _ => {
             crate::metrics::metrics().upstream_failure(&l.upstream.config.name, "greeting");
@@ -250,21 +248,20 @@ async fn connect_greeted(
     }
 }
 
-/// Postfix-style escaping of logged client bytes.
-/// The command verbs of discarded lines (at most 8), never their arguments: the bytes may
-/// hold `AUTH PLAIN` credentials (catalogue SM-16, promise P12). A token that is not a
-/// plausible verb shows as `?`.
+/// The command verbs of discarded lines (at most 8, then `...`), never their arguments: the
+/// bytes may hold `AUTH PLAIN` credentials (catalogue SM-16, promise P12). A token that is
+/// not a plausible verb shows as `?`.
 fn verbs(bytes: &[u8]) -> String {
-    let mut out: Vec<String> = bytes
+    const SHOWN: usize = 8;
+    let mut lines = bytes
         .split(|&b| b == b'\n')
-        .filter(|l| !l.trim_ascii().is_empty())
-        .take(8)
+        .map(<[u8]>::trim_ascii)
+        .filter(|l| !l.is_empty());
+    let mut out: Vec<String> = lines
+        .by_ref()
+        .take(SHOWN)
         .map(|l| {
-            let verb = l
-                .trim_ascii()
-                .split(|&b| b == b' ')
-                .next()
-                .unwrap_or_default();
+            let verb = l.split(|&b| b == b' ').next().unwrap_or_default();
             if (1..=10).contains(&verb.len()) && verb.iter().all(u8::is_ascii_alphabetic) {
                 String::from_utf8_lossy(verb).to_ascii_uppercase()
             } else {
@@ -272,12 +269,7 @@ fn verbs(bytes: &[u8]) -> String {
             }
         })
         .collect();
-    if bytes
-        .split(|&b| b == b'\n')
-        .filter(|l| !l.trim_ascii().is_empty())
-        .count()
-        > 8
-    {
+    if lines.next().is_some() {
         out.push("...".to_owned());
     }
     out.join(",")
