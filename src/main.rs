@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use smtp_tls_proxy::{check, config, server, snapshot, telemetry};
+use smtp_tls_proxy::{check, server, snapshot, telemetry};
 
 #[derive(Parser)]
 #[command(version, about = "TLS-terminating SMTP front proxy")]
@@ -28,7 +28,7 @@ enum Command {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let acme = std::sync::Arc::new(smtp_tls_proxy::acme::AcmeManager::default());
-    let loaded = config::load(&cli.config).and_then(|c| snapshot::build(c, &acme));
+    let loaded = snapshot::read_config(&cli.config).and_then(|c| snapshot::build(c, &acme, None));
     let snapshot = match loaded {
         Ok(s) => s,
         Err(e) => {

@@ -209,10 +209,10 @@ pub async fn run(
         let cause = tokio::select! {
             _ = signals.term.recv() => break,
             _ = signals.int.recv() => break,
-            _ = signals.hup.recv() => "SIGHUP",
+            _ = signals.hup.recv() => Cause::Sighup,
             Some(()) = changes.recv() => {
                 while changes.try_recv().is_ok() {}
-                "file change"
+                Cause::FileChange
             }
         };
         reload(
@@ -254,6 +254,24 @@ pub async fn run(
     tracing::info!("stopped");
 }
 
+/// What asked for a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cause {
+    /// An explicit request (`systemctl reload`): always reloads.
+    Sighup,
+    /// The watcher saw a change; skipped when no file the snapshot read has changed.
+    FileChange,
+}
+
+impl Cause {
+    fn as_str(self) -> &'static str {
+        match self {
+            Cause::Sighup => "SIGHUP",
+            Cause::FileChange => "file change",
+        }
+    }
+}
+
 /// Load + validate + build + bind what is new, then swap and unbind what is gone. On any
 /// error the old snapshot and every old listener keep serving.
 async fn reload(
@@ -263,28 +281,36 @@ async fn reload(
     stop_all: &CancellationToken,
     running: &mut BTreeMap<String, Running>,
     watcher: Option<&mut FileWatcher>,
-    cause: &str,
+    cause: Cause,
 ) {
-    let path = shared.current.load().config.path.clone();
-    let config = match crate::config::load(&path) {
+    let current = shared.current.load_full();
+    let path = current.config.path.clone();
+    if cause == Cause::FileChange && current.files.unchanged() {
+        // Defence in depth behind the event filter: nothing the snapshot read has changed.
+        tracing::debug!(config = %path.display(), "files unchanged; reload skipped");
+        return;
+    }
+    let cause = cause.as_str();
+    let (config, files) = match snapshot::read_config(&path) {
         Ok(c) => c,
         Err(e) => return reload_failed(cause, &e.to_string()),
     };
     if let Some(w) = watcher {
         // Also the new config's files: a certificate path that does not exist yet is
         // picked up as soon as it appears.
-        let mut files = watch::files_of(&config);
-        files.extend(watch::files_of(&shared.current.load().config));
-        w.watch(files);
+        let mut watched = watch::files_of(&config);
+        watched.extend(watch::files_of(&current.config));
+        w.watch(watched);
     }
-    let next = match snapshot::build(config, acme) {
+    let next = match snapshot::build((config, files), acme, Some(&current)) {
         Ok(n) => n,
         Err(e) => {
             // Forget ACME entries the failed config created; keep the running ones.
-            acme.sync(&acme_specs(&shared.current.load()), &crate::tls::provider());
+            acme.sync(&acme_specs(&current), &crate::tls::provider());
             return reload_failed(cause, &e.to_string());
         }
     };
+    drop(current);
     let mut fresh = Vec::new();
     for (name, l) in &next.listeners {
         if running.get(name).map(|r| r.listen) == Some(l.config.listen) {
