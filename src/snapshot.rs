@@ -7,15 +7,18 @@ use std::sync::Arc;
 
 use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
-use rustls::server::NoServerSessionStorage;
 use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{NoServerSessionStorage, ServerSessionMemoryCache, StoresServerSessions};
 
 use crate::acme::AcmeManager;
-use crate::config::{ClientCertMode, Config, ConfigError, ListenerConfig, UpstreamConfig};
+use crate::config::{
+    ClientCertMode, Config, ConfigError, ListenerConfig, Mode, UnknownSni, UpstreamConfig,
+};
 use crate::tls::client_auth::{self, RequestAnyCert};
 use crate::tls::resolve::ListenerResolver;
 use crate::tls::upstream::UpstreamTlsClient;
 use crate::tls::{CertStore, ListenerTls};
+use crate::watch::{self, FileStamps};
 
 /// Config + built runtime objects.
 #[derive(Debug)]
@@ -24,6 +27,9 @@ pub struct Snapshot {
     pub store: Arc<CertStore>,
     pub upstreams: BTreeMap<String, Arc<UpstreamRuntime>>,
     pub listeners: BTreeMap<String, Arc<ListenerRuntime>>,
+    /// The files this snapshot was built from, as they were just before they were read: a
+    /// file-change reload that finds them all the same is skipped.
+    pub files: FileStamps,
 }
 
 /// One listener as sessions use it.
@@ -32,7 +38,42 @@ pub struct ListenerRuntime {
     pub config: ListenerConfig,
     pub tls: ListenerTls,
     pub upstream: Arc<UpstreamRuntime>,
+    /// What TLS resumption depends on; the session cache is kept across reloads while it
+    /// stays the same.
+    resumption: Resumption,
 }
+
+/// The settings a resumed TLS session skips checking: a session made under other ones must
+/// not resume (e.g. one made without a client certificate on a listener that now requires
+/// one). Certificates are not among them: a renewal keeps the cache, as a client that
+/// resumes has already authenticated the server.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ResumptionKey {
+    mode: Mode,
+    client_cert: ClientCertMode,
+    /// The CA file's content, not its path.
+    client_ca: Option<Vec<u8>>,
+    session_tickets: bool,
+    unknown_sni: UnknownSni,
+}
+
+#[derive(Clone)]
+struct Resumption {
+    key: ResumptionKey,
+    /// TLS 1.2 session ids and TLS 1.3 (stateful) tickets both live here.
+    cache: Arc<dyn StoresServerSessions>,
+}
+
+impl std::fmt::Debug for Resumption {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Resumption")
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+/// TLS sessions each listener remembers for resumption (rustls' default size).
+const SESSION_CACHE: usize = 256;
 
 /// One upstream as sessions use it.
 #[derive(Debug)]
@@ -41,8 +82,23 @@ pub struct UpstreamRuntime {
     pub tls: Option<UpstreamTlsClient>,
 }
 
+/// Reads the config file, stamping it and then every file it names just before anything
+/// reads them (the stamps go to [`build`]).
+pub fn read_config(path: &std::path::Path) -> Result<(Config, FileStamps), ConfigError> {
+    let config_file = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut files = FileStamps::read([config_file]);
+    let config = crate::config::load(path)?;
+    files.extend(FileStamps::read(watch::files_of(&config)));
+    Ok((config, files))
+}
+
 /// Loads certificates and CA files and builds every TLS config. Errors carry key paths.
-pub fn build(config: Config, acme: &AcmeManager) -> Result<Snapshot, ConfigError> {
+/// `previous` is the snapshot being replaced: its listeners' session caches carry over.
+pub fn build(
+    (config, files): (Config, FileStamps),
+    acme: &AcmeManager,
+    previous: Option<&Snapshot>,
+) -> Result<Snapshot, ConfigError> {
     let provider = crate::tls::provider();
     let path = config.path.clone();
     let err = |key: String, reason: String| ConfigError::new(&path, key, reason);
@@ -73,7 +129,10 @@ pub fn build(config: Config, acme: &AcmeManager) -> Result<Snapshot, ConfigError
 
     let mut listeners = BTreeMap::new();
     for (name, l) in &config.listeners {
-        let tls = listener_tls(l, &store, &provider)
+        let kept = previous
+            .and_then(|p| p.listeners.get(name))
+            .map(|l| &l.resumption);
+        let (tls, resumption) = listener_tls(l, &store, &provider, kept)
             .map_err(|(k, r)| err(format!("listeners.{name}.{k}"), r))?;
         let upstream = upstreams.get(&l.upstream.name).cloned().ok_or_else(|| {
             err(
@@ -87,6 +146,7 @@ pub fn build(config: Config, acme: &AcmeManager) -> Result<Snapshot, ConfigError
                 config: l.clone(),
                 tls,
                 upstream,
+                resumption,
             }),
         );
     }
@@ -95,6 +155,7 @@ pub fn build(config: Config, acme: &AcmeManager) -> Result<Snapshot, ConfigError
         store,
         upstreams,
         listeners,
+        files,
     })
 }
 
@@ -102,7 +163,8 @@ fn listener_tls(
     l: &ListenerConfig,
     store: &Arc<CertStore>,
     provider: &Arc<CryptoProvider>,
-) -> Result<ListenerTls, (String, String)> {
+    kept: Option<&Resumption>,
+) -> Result<(ListenerTls, Resumption), (String, String)> {
     if store.candidates(&l.hostname).is_none() {
         return Err((
             "hostname".to_owned(),
@@ -120,6 +182,24 @@ fn listener_tls(
     let roots = match &l.client_ca {
         Some(p) => Some(client_auth::load_roots(p).map_err(|r| ("client_ca".to_owned(), r))?),
         None => None,
+    };
+    let key = ResumptionKey {
+        mode: l.mode,
+        client_cert: l.client_cert,
+        client_ca: l.client_ca.as_ref().and_then(|p| std::fs::read(p).ok()),
+        session_tickets: l.session_tickets,
+        unknown_sni: l.unknown_sni,
+    };
+    let resumption = match kept {
+        Some(k) if k.key == key => k.clone(),
+        _ => Resumption {
+            key,
+            cache: if l.session_tickets {
+                ServerSessionMemoryCache::new(SESSION_CACHE)
+            } else {
+                Arc::new(NoServerSessionStorage {})
+            },
+        },
     };
     let judge: Option<Arc<dyn ClientCertVerifier>> = match &roots {
         Some(r) => Some(
@@ -155,11 +235,14 @@ fn listener_tls(
     if !l.session_tickets {
         // outlook.com's senders abort STARTTLS after a TLS 1.3 ticket (catalogue G).
         config.send_tls13_tickets = 0;
-        config.session_storage = Arc::new(NoServerSessionStorage {});
     }
-    Ok(ListenerTls {
-        config: Arc::new(config),
-        resolver,
-        judge,
-    })
+    config.session_storage = resumption.cache.clone();
+    Ok((
+        ListenerTls {
+            config: Arc::new(config),
+            resolver,
+            judge,
+        },
+        resumption,
+    ))
 }
