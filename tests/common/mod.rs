@@ -161,8 +161,11 @@ pub struct RunningProxy {
     pub dir: tempfile::TempDir,
 }
 
-pub fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_smtp-tls-proxy")
+/// The binary under test; `PROXY_UNDER_TEST` points the suite at another build (e.g. the
+/// previous release, to show that a new test fails without its feature).
+pub fn binary() -> String {
+    std::env::var("PROXY_UNDER_TEST")
+        .unwrap_or_else(|_| env!("CARGO_BIN_EXE_smtp-tls-proxy").to_owned())
 }
 
 /// Writes `yaml` to a temp dir and starts the proxy on it. Listeners should use port 0; the

@@ -1,0 +1,277 @@
+//! What makes the proxy reload (issue 18): reads never do (`cat`, `check`, a backup, the
+//! reload's own reads), one SIGHUP is one reload, each real kind of change is one reload, a
+//! burst is one or two; and a reload that changes no TLS setting keeps resumption working.
+//! Real files, the real watcher, the real binary; the reload counter read from `/metrics`.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use rustls::pki_types::ServerName;
+
+/// Longer than the watcher's debounce (400 ms) plus a reload: a reload an event would cause
+/// has happened by then. Only used to show that nothing (more) happens.
+const QUIET: Duration = Duration::from_millis(1500);
+
+fn config(cert: &Path, key: &Path, extra_listener: &str) -> String {
+    format!(
+        "log: {{ format: json }}\nmetrics: {{ listen: \"127.0.0.1:0\" }}\nupstreams:\n  mta: {{ address: \"127.0.0.1:9\", connect_timeout: 1s }}\ncertificates:\n  - cert: {}\n    key: {}\nlisteners:\n  smtps:\n    listen: \"127.0.0.1:0\"\n    mode: implicit\n    hostname: mail.example.test\n    upstream: mta\n{extra_listener}",
+        cert.display(),
+        key.display()
+    )
+}
+
+async fn reloads(proxy: &RunningProxy) -> f64 {
+    Scrape::get(proxy.metrics_addr())
+        .await
+        .value("smtp_proxy_reloads_total", &[])
+}
+
+/// Waits for the `n`-th reload, then a quiet period, and checks that exactly `n` happened,
+/// by the log and by `/metrics`.
+async fn exactly(proxy: &RunningProxy, n: usize, what: &str) {
+    if n > 0 {
+        proxy.wait_reloaded(n).await;
+    }
+    tokio::time::sleep(QUIET).await;
+    let logged = proxy.count_logs(|v| v["message"] == "reloaded");
+    assert_eq!(logged, n, "{what}: reloads logged\n{}", proxy.log_text());
+    assert_eq!(
+        reloads(proxy).await,
+        n as f64,
+        "{what}: smtp_proxy_reloads_total"
+    );
+}
+
+struct Setup {
+    pki: TestPki,
+    cert: PathBuf,
+    key: PathBuf,
+    config: PathBuf,
+    proxy: RunningProxy,
+}
+
+fn start(extra_listener: &str) -> Setup {
+    let pki = TestPki::new();
+    let live = pki.server_cert("live", &["mail.example.test"], false);
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &config_path,
+        config(&live.cert_path, &live.key_path, extra_listener),
+    )
+    .unwrap();
+    let proxy = spawn_proxy_at(dir, &config_path, &[]);
+    Setup {
+        cert: live.cert_path.clone(),
+        key: live.key_path.clone(),
+        config: config_path,
+        pki,
+        proxy,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_the_files_or_running_check_never_reloads() {
+    let s = start("");
+    assert_eq!(reloads(&s.proxy).await, 0.0);
+    for f in [&s.config, &s.cert, &s.key] {
+        let _ = std::fs::read(f).unwrap();
+        // `cat`: open, read to the end, close.
+        let out = std::process::Command::new("cat").arg(f).output().unwrap();
+        assert!(out.status.success());
+    }
+    let check = std::process::Command::new(binary())
+        .arg("check")
+        .arg("--config")
+        .arg(&s.config)
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{check:?}");
+    exactly(&s.proxy, 0, "after reads and check").await;
+    // Control: the watcher is live, so the silence above means something.
+    std::fs::write(
+        &s.config,
+        std::fs::read_to_string(&s.config).unwrap() + "# edit\n",
+    )
+    .unwrap();
+    exactly(&s.proxy, 1, "after a real edit").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sighup_is_exactly_one_reload() {
+    let s = start("");
+    s.proxy.signal("HUP");
+    exactly(&s.proxy, 1, "one SIGHUP").await;
+    s.proxy.signal("HUP");
+    exactly(&s.proxy, 2, "a second SIGHUP").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_kind_of_change_is_exactly_one_reload() {
+    let s = start("");
+    // Write in place (an editor without backup copies, `echo >>`).
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(&s.config, format!("{text}# in place\n")).unwrap();
+    exactly(&s.proxy, 1, "write in place").await;
+    // Write-and-rename (certbot, vim, ansible).
+    let next = s.pki.server_cert("next", &["mail.example.test"], false);
+    std::fs::rename(&next.cert_path, &s.cert).unwrap();
+    std::fs::rename(&next.key_path, &s.key).unwrap();
+    exactly(&s.proxy, 2, "write-and-rename").await;
+    // A permission change on the key (still readable: root).
+    std::fs::set_permissions(&s.key, std::fs::Permissions::from_mode(0o640)).unwrap();
+    exactly(&s.proxy, 3, "chmod of the key").await;
+    let logs = s.proxy.logs();
+    assert!(
+        logs.iter()
+            .all(|v| v["message"] != "reloaded" || v["cause"] == "file change")
+    );
+}
+
+/// The Kubernetes atomic writer: `tls.crt -> ..data/tls.crt`, `..data -> ..<timestamp>`;
+/// an update writes a new timestamped directory and renames `..data_tmp` over `..data`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kubernetes_secret_swap_is_exactly_one_reload_and_serves_the_new_certificate() {
+    let pki = TestPki::new();
+    let mount = tempfile::tempdir().unwrap();
+    let m = mount.path();
+    let write_version = |name: &str, issued: &Issued| {
+        std::fs::create_dir(m.join(name)).unwrap();
+        std::fs::copy(&issued.cert_path, m.join(name).join("tls.crt")).unwrap();
+        std::fs::copy(&issued.key_path, m.join(name).join("tls.key")).unwrap();
+    };
+    let first = pki.server_cert("first", &["mail.example.test"], false);
+    write_version("..2026_12_01_00_00_00.1", &first);
+    std::os::unix::fs::symlink("..2026_12_01_00_00_00.1", m.join("..data")).unwrap();
+    std::os::unix::fs::symlink("..data/tls.crt", m.join("tls.crt")).unwrap();
+    std::os::unix::fs::symlink("..data/tls.key", m.join("tls.key")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config_path = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &config_path,
+        config(&m.join("tls.crt"), &m.join("tls.key"), ""),
+    )
+    .unwrap();
+    let proxy = spawn_proxy_at(dir, &config_path, &[]);
+    let served = || async {
+        let (tls, _) = tls_client(
+            "127.0.0.1",
+            proxy.addr("smtps"),
+            verifying_client(pki.server_ca_der()),
+            Some("mail.example.test"),
+        )
+        .await;
+        tls.get_ref().1.peer_certificates().unwrap()[0]
+            .as_ref()
+            .to_vec()
+    };
+    assert_eq!(served().await, first.chain[0].as_ref());
+
+    let second = pki.server_cert("second", &["mail.example.test"], false);
+    write_version("..2026_12_01_01_00_00.2", &second);
+    std::os::unix::fs::symlink("..2026_12_01_01_00_00.2", m.join("..data_tmp")).unwrap();
+    std::fs::rename(m.join("..data_tmp"), m.join("..data")).unwrap();
+    std::fs::remove_dir_all(m.join("..2026_12_01_00_00_00.1")).unwrap();
+    exactly(&proxy, 1, "secret swap").await;
+    assert_eq!(served().await, second.chain[0].as_ref());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_writes_in_a_burst_are_one_or_two_reloads() {
+    let s = start("");
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    for i in 0..50 {
+        std::fs::write(&s.config, format!("{text}# burst {i}\n")).unwrap();
+    }
+    s.proxy.wait_reloaded(1).await;
+    tokio::time::sleep(QUIET).await;
+    let n = reloads(&s.proxy).await;
+    assert!(
+        (1.0..=2.0).contains(&n),
+        "{n} reloads for a burst of 50 writes"
+    );
+    assert_eq!(s.proxy.count_logs(|v| v["message"] == "reloaded") as f64, n);
+}
+
+// ------------------------------------------------------------ TLS resumption across reloads
+
+/// One connection with `client` (which remembers sessions); true when it resumed.
+async fn resumed(addr: std::net::SocketAddr, client: &Arc<rustls::ClientConfig>) -> bool {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(client.clone());
+    let tls = connector
+        .connect(ServerName::try_from("mail.example.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    let kind = tls.get_ref().1.handshake_kind();
+    // Read what the server sends after the handshake (TLS 1.3 tickets come first), until
+    // the proxy gives up on the unreachable upstream and closes.
+    let mut tls = tls;
+    let mut sink = Vec::new();
+    let _ = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio::io::AsyncReadExt::read_to_end(&mut tls, &mut sink),
+    )
+    .await;
+    kind == Some(rustls::HandshakeKind::Resumed)
+}
+
+fn client(
+    pki: &TestPki,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(pki.server_ca_der()).unwrap();
+    Arc::new(
+        rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resumption_survives_a_sighup_that_changes_nothing_for_tls_1_2_and_1_3() {
+    let s = start("");
+    let addr = s.proxy.addr("smtps");
+    let v12 = client(&s.pki, &rustls::version::TLS12);
+    let v13 = client(&s.pki, &rustls::version::TLS13);
+    for c in [&v12, &v13] {
+        assert!(
+            !resumed(addr, c).await,
+            "first connection is a full handshake"
+        );
+        assert!(resumed(addr, c).await, "second connection resumes");
+    }
+    s.proxy.signal("HUP");
+    s.proxy.wait_reloaded(1).await;
+    assert!(
+        resumed(addr, &v12).await,
+        "TLS 1.2 session id kept across the reload"
+    );
+    assert!(
+        resumed(addr, &v13).await,
+        "TLS 1.3 ticket kept across the reload"
+    );
+
+    // Control: a reload that changes what resumption skips (client_cert) starts afresh.
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(&s.config, format!("{text}    client_cert: request\n")).unwrap();
+    s.proxy.wait_reloaded(2).await;
+    assert!(
+        !resumed(addr, &v12).await,
+        "client_cert changed: no TLS 1.2 resumption"
+    );
+    assert!(
+        !resumed(addr, &v13).await,
+        "client_cert changed: no TLS 1.3 resumption"
+    );
+}
