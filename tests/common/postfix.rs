@@ -25,6 +25,9 @@ pub struct PostfixOptions {
     pub wrapper_tls: Option<(PathBuf, PathBuf)>,
     /// Extra plain smtpd (no PROXY) offering STARTTLS with this (cert chain PEM, key PEM).
     pub starttls_plain: Option<(PathBuf, PathBuf)>,
+    /// Cyrus SASL on the PROXY port (`smtpd_sasl_auth_enable`), PLAIN/LOGIN against a private
+    /// sasldb holding this (user, password) in realm example.test (Debian's sasl2-bin).
+    pub sasl: Option<(String, String)>,
 }
 
 pub struct Postfix {
@@ -106,7 +109,11 @@ impl Postfix {
         }
         master += MASTER_INTERNAL;
         write_backdated(&format!("{d}/conf/master.cf"), &master);
-        write_backdated(&format!("{d}/conf/main.cf"), &main_cf(&d));
+        let mut main = main_cf(&d);
+        if let Some((user, password)) = &opts.sasl {
+            main += &sasl_setup(&d, user, password);
+        }
+        write_backdated(&format!("{d}/conf/main.cf"), &main);
 
         let out = Command::new(POSTFIX)
             .args(["-c", &format!("{d}/conf"), "start"])
@@ -341,6 +348,48 @@ maximal_backoff_time = 2s
 biff = no
 "#
     )
+}
+
+/// A private Cyrus sasldb with one user, its `smtpd.conf`, and the main.cf lines that use it.
+/// `smtpd_tls_auth_only` stays at its default (no): behind the proxy every session looks
+/// plaintext to Postfix, and the proxy itself refuses AUTH before TLS.
+fn sasl_setup(d: &str, user: &str, password: &str) -> String {
+    const SASLPASSWD2: &str = "/usr/sbin/saslpasswd2";
+    assert!(
+        Path::new(SASLPASSWD2).exists(),
+        "{SASLPASSWD2} missing: apt-get install sasl2-bin libsasl2-modules"
+    );
+    // Debian's Postfix reads `$config_directory/sasl/smtpd.conf` (cyrus_sasl_config_path
+    // is not consulted there, as strace shows).
+    let sasl = format!("{d}/conf/sasl");
+    fs::create_dir(&sasl).expect("mkdir sasl");
+    let db = format!("{d}/sasldb2");
+    let mut child = Command::new(SASLPASSWD2)
+        .args(["-p", "-c", "-f", &db, "-u", "example.test", user])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("run saslpasswd2");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(password.as_bytes())
+        .expect("password to saslpasswd2");
+    assert!(
+        child.wait().expect("saslpasswd2").success(),
+        "saslpasswd2 failed"
+    );
+    // smtpd runs as the postfix user and opens the db itself (no saslauthd).
+    fs::set_permissions(&db, fs::Permissions::from_mode(0o644)).expect("chmod sasldb");
+    fs::write(
+        format!("{sasl}/smtpd.conf"),
+        format!("pwcheck_method: auxprop\nauxprop_plugin: sasldb\nmech_list: PLAIN LOGIN\nsasldb_path: {db}\n"),
+    )
+    .expect("write smtpd.conf");
+    "smtpd_sasl_auth_enable = yes\nsmtpd_sasl_type = cyrus\nsmtpd_sasl_path = smtpd\n\
+     smtpd_sasl_local_domain = example.test\n"
+        .to_owned()
 }
 
 /// Internal services (subset of Debian's master.cf) with chroot = n. virtual has unpriv = n: it
