@@ -41,6 +41,13 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     telemetry::init(snapshot.config.log.format, &snapshot.config.log.level);
+    let kubernetes = smtp_tls_proxy::config::kubernetes_service_vars();
+    if !kubernetes.is_empty() {
+        tracing::info!(
+            variables = kubernetes.join(","),
+            "ignoring the variables Kubernetes sets for a Service named smtp-tls-proxy"
+        );
+    }
     for w in check::warnings(&snapshot.config) {
         tracing::warn!(warning = %w, "configuration warning");
     }

@@ -188,3 +188,56 @@ listeners:
     let (_, out, _) = check(&shipped, &[]);
     assert!(!out.contains("warning:"), "{out}");
 }
+
+/// What Kubernetes injects into every pod of a namespace with a Service named
+/// `smtp-tls-proxy` (its ports 25, 465, 587 named smtp, submissions, submission).
+const KUBERNETES_SERVICE_ENV: &[(&str, &str)] = &[
+    ("SMTP_TLS_PROXY_SERVICE_HOST", "10.96.0.17"),
+    ("SMTP_TLS_PROXY_SERVICE_PORT", "25"),
+    ("SMTP_TLS_PROXY_SERVICE_PORT_SMTP", "25"),
+    ("SMTP_TLS_PROXY_SERVICE_PORT_SUBMISSIONS", "465"),
+    ("SMTP_TLS_PROXY_PORT", "tcp://10.96.0.17:25"),
+    ("SMTP_TLS_PROXY_PORT_25_TCP", "tcp://10.96.0.17:25"),
+    ("SMTP_TLS_PROXY_PORT_25_TCP_PROTO", "tcp"),
+    ("SMTP_TLS_PROXY_PORT_25_TCP_PORT", "25"),
+    ("SMTP_TLS_PROXY_PORT_25_TCP_ADDR", "10.96.0.17"),
+    ("SMTP_TLS_PROXY_PORT_587_TCP_ADDR", "10.96.0.17"),
+];
+
+#[test]
+fn kubernetes_service_variables_are_ignored_but_a_misspelt_override_still_fails() {
+    let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.yaml");
+    let (code, _, err) = check(&shipped, KUBERNETES_SERVICE_ENV);
+    assert_eq!(code, 0, "{err}");
+    let mut env = KUBERNETES_SERVICE_ENV.to_vec();
+    env.push(("SMTP_TLS_PROXY_UPSTREAM__MTA__ADDRESS", "10.0.0.5:10025"));
+    let (code, _, err) = check(&shipped, &env);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("upstream"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_starts_with_kubernetes_service_variables_and_names_them_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &config,
+        "log: { format: json }\nupstreams:\n  mta: { address: \"127.0.0.1:9\" }\ncertificates:\n  - self_signed: [localhost]\nlisteners:\n  smtp: { listen: \"127.0.0.1:0\", mode: starttls, hostname: localhost, upstream: mta }\n",
+    )
+    .unwrap();
+    let proxy = spawn_proxy_at(dir, &config, KUBERNETES_SERVICE_ENV);
+    let line = proxy
+        .wait_for_log(|v| {
+            v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("ignoring the variables Kubernetes"))
+        })
+        .await;
+    assert!(
+        line["variables"]
+            .as_str()
+            .unwrap()
+            .contains("SMTP_TLS_PROXY_PORT_25_TCP_ADDR"),
+        "{line}"
+    );
+}

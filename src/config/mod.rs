@@ -84,9 +84,56 @@ pub fn load(path: &Path) -> Result<Config, ConfigError> {
     }
     let figment = Figment::new()
         .merge(serde_saphyr::figment::Yaml::file_exact(path))
-        .merge(Env::prefixed(ENV_PREFIX).split("__"));
+        .merge(
+            Env::prefixed(ENV_PREFIX)
+                .filter(|k| !is_kubernetes_service_var(&k.as_str().to_ascii_lowercase()))
+                .split("__"),
+        );
     let parsed: file::FileConfig = figment.extract().map_err(|e| from_figment(path, e))?;
     validate::validate(path, parsed)
+}
+
+/// The variables Kubernetes injects into every pod of a namespace for a Service named
+/// `smtp-tls-proxy` (docker-link style service discovery), present in the environment now.
+/// They are not config overrides and are ignored; the caller logs them once.
+pub fn kubernetes_service_vars() -> Vec<String> {
+    let mut names: Vec<String> = std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| {
+            k.strip_prefix(ENV_PREFIX)
+                .is_some_and(|rest| is_kubernetes_service_var(&rest.to_ascii_lowercase()))
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+/// `rest` is the lowercased name after the prefix: `service_host`, `service_port`,
+/// `service_port_<port name>`, `port`, `port_<n>_<tcp|udp|sctp>` and that with `_proto`,
+/// `_port` or `_addr`. No config key starts with `service` or `port`.
+fn is_kubernetes_service_var(rest: &str) -> bool {
+    if rest == "service_host" || rest == "service_port" || rest == "port" {
+        return true;
+    }
+    if let Some(name) = rest.strip_prefix("service_port_") {
+        // A port name is a DNS label, `-` turned into `_`: never a `__` level separator.
+        return !name.is_empty()
+            && !name.starts_with('_')
+            && !name.ends_with('_')
+            && !name.contains("__")
+            && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    }
+    let Some(port) = rest.strip_prefix("port_") else {
+        return false;
+    };
+    let mut parts = port.splitn(3, '_');
+    let number = parts.next().unwrap_or_default();
+    let proto = parts.next().unwrap_or_default();
+    let field = parts.next();
+    !number.is_empty()
+        && number.bytes().all(|b| b.is_ascii_digit())
+        && matches!(proto, "tcp" | "udp" | "sctp")
+        && matches!(field, None | Some("proto" | "port" | "addr"))
 }
 
 /// `load` over YAML text, without environment overrides (the `config` fuzz target and its
@@ -148,6 +195,36 @@ fn from_figment(path: &Path, err: figment::Error) -> ConfigError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn kubernetes_service_variables_are_recognised_and_nothing_else() {
+        for k in [
+            "service_host",
+            "service_port",
+            "service_port_smtp",
+            "service_port_smtp_submission",
+            "port",
+            "port_25_tcp",
+            "port_25_tcp_proto",
+            "port_587_tcp_port",
+            "port_465_tcp_addr",
+            "port_53_udp",
+        ] {
+            assert!(is_kubernetes_service_var(k), "{k}");
+        }
+        for k in [
+            "upstreams__mta__address",
+            "listeners__smtp__listen",
+            "port_25",
+            "port_x_tcp",
+            "port_25_tcp_host",
+            "service",
+            "service_port__x",
+            "log__level",
+        ] {
+            assert!(!is_kubernetes_service_var(k), "{k}");
+        }
+    }
 
     #[test]
     fn an_error_prints_on_one_line() {
