@@ -121,6 +121,33 @@ async fn the_server_picks_aes_128_gcm_even_when_the_client_prefers_aes_256() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_1_2_follows_the_same_rule_aes_128_gcm_over_the_clients_aes_256() {
+    let (_mta, proxy) = setup().await;
+    let mut provider = (*provider()).clone();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384);
+    let verifier = std::sync::Arc::new(AcceptAnyServerCert(
+        std::sync::Arc::new(provider.clone()),
+        false,
+    ));
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_protocol_versions(&[&rustls::version::TLS12])
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_no_client_auth();
+    let tcp = connect_from("127.0.0.1", proxy.addr("smtps")).await;
+    let tls = tls_handshake(tcp, config, Some("mx.example.test"))
+        .await
+        .unwrap();
+    assert_eq!(
+        tls.get_ref().1.negotiated_cipher_suite().unwrap().suite(),
+        rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_leaving_without_close_notify_is_logged_as_truncated() {
     // Catalogue TL-11: a truncation attack looks like a clean close unless it is told apart.
     use tokio::io::AsyncWriteExt;
