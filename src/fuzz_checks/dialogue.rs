@@ -1,15 +1,14 @@
-//! FZ-1, FZ-2: the pre-TLS line reader and dialogue, driven the way `session::starttls`
-//! drives them (feed a read only when no event is pending, act on each `Step`).
+//! FZ-1, FZ-2: the pre-TLS side of a STARTTLS listener, driven through `smtp::PreTls`, the
+//! very object the session loop drives (read when it says `Read`, write what it says).
 
 use super::{Input, our_replies, segments};
-use crate::smtp::dialogue::{Dialogue, MAX_ERRORS, Step, default_capabilities};
-use crate::smtp::line::{LineEvent, LineReader, MAX_COMMAND_LINE};
+use crate::smtp::dialogue::{CloseReason, Dialogue, MAX_ERRORS, default_capabilities};
+use crate::smtp::line::MAX_COMMAND_LINE;
+use crate::smtp::pretls::{self, Handoff, Next, PreTls};
 
 const HOSTNAME: &str = "mx.example.test";
-/// `session::starttls::DIALOGUE_READ`: the most one read hands the line reader.
-const DIALOGUE_READ: usize = 1024;
 /// Unprocessed input the reader may hold: a partial line (< 512) plus one read.
-const BUFFER_CAP: usize = MAX_COMMAND_LINE - 1 + DIALOGUE_READ;
+const BUFFER_CAP: usize = MAX_COMMAND_LINE - 1 + pretls::READ;
 
 /// How a dialogue ended; `at` is the stream offset just past the deciding line's LF.
 #[derive(Debug, PartialEq, Eq)]
@@ -17,7 +16,7 @@ enum End {
     /// The input ran out with the dialogue still going.
     Open,
     Quit,
-    Close(&'static str),
+    Close(CloseReason),
     StartTls {
         at: usize,
     },
@@ -53,72 +52,89 @@ pub fn check_dialogue(data: &[u8]) {
 }
 
 fn run(stream: &[u8], require_starttls: bool, seed: u8) -> Run {
-    let mut dialogue = Dialogue::new(HOSTNAME, require_starttls, default_capabilities());
-    assert_eq!(our_replies(&dialogue.greeting()), vec![220]);
-    let mut reader = LineReader::default();
-    let mut reads = segments(stream, seed, DIALOGUE_READ).into_iter();
+    let mut pre = PreTls::new(Dialogue::new(
+        HOSTNAME,
+        require_starttls,
+        default_capabilities(),
+    ));
+    assert_eq!(our_replies(&pre.greeting()), vec![220]);
+    let mut reads = segments(stream, seed, pretls::READ).into_iter();
     let mut fed = 0usize;
     let mut replies = Vec::new();
+    let mut errors_before = 0;
     loop {
-        let event = loop {
-            if let Some(event) = reader.next_event() {
-                break event;
-            }
-            assert!(
-                reader.buffered() < MAX_COMMAND_LINE,
-                "reader holds {} bytes with no line to give",
-                reader.buffered()
-            );
-            let Some(read) = reads.next() else {
-                assert!(dialogue.errors() < MAX_ERRORS);
-                return Run {
-                    replies,
-                    end: End::Open,
+        let end = match pre.step() {
+            Next::Read => {
+                assert!(
+                    pre.buffered() < MAX_COMMAND_LINE,
+                    "reader holds {} bytes with no line to give",
+                    pre.buffered()
+                );
+                let Some(read) = reads.next() else {
+                    assert!(pre.errors() < MAX_ERRORS);
+                    return Run {
+                        replies,
+                        end: End::Open,
+                    };
                 };
-            };
-            reader.feed(read);
-            fed += read.len();
-            assert!(
-                reader.buffered() <= BUFFER_CAP,
-                "reader holds {} bytes",
-                reader.buffered()
-            );
-        };
-        if let LineEvent::Line(line) = &event {
-            assert!(!line.contains(&b'\n') && line.len() < MAX_COMMAND_LINE);
-        }
-        let errors_before = dialogue.errors();
-        let step = dialogue.on_event(event);
-        let end = match step {
-            Step::Reply(reply) => {
+                pre.receive(read);
+                fed += read.len();
+                assert!(
+                    pre.buffered() <= BUFFER_CAP,
+                    "reader holds {} bytes",
+                    pre.buffered()
+                );
+                continue;
+            }
+            Next::Reply(reply) => {
                 let codes = our_replies(&reply);
                 assert_eq!(codes.len(), 1, "one reply per command");
                 assert_eq!(
                     codes[0] >= 500,
-                    dialogue.errors() == errors_before + 1,
+                    pre.errors() == errors_before + 1,
                     "a 5xx counts as an error, anything else does not"
                 );
+                errors_before = pre.errors();
                 replies.push(reply);
                 continue;
             }
-            Step::Quit(reply) => {
-                assert_eq!(our_replies(&reply), vec![221]);
-                End::Quit
-            }
-            Step::Close { reply, reason } => {
-                let codes = our_replies(&reply);
-                if reason == "too many errors" {
-                    assert_eq!(dialogue.errors(), MAX_ERRORS);
-                    assert_eq!(codes.len(), 2);
-                    assert_eq!(codes[1], 421);
-                } else {
-                    assert_eq!(codes, vec![221], "{reason}");
-                }
+            Next::Done(Handoff::Close {
+                reply: None,
+                reason,
+            }) => {
+                assert_eq!(reason, CloseReason::TlsOnStarttlsPort);
+                assert_eq!(
+                    stream.first(),
+                    Some(&0x16),
+                    "only a ClientHello closes silently"
+                );
                 End::Close(reason)
             }
-            Step::StartTls(reply) => {
+            Next::Done(Handoff::Close {
+                reply: Some(reply),
+                reason,
+            }) => {
+                let codes = our_replies(&reply);
+                match reason {
+                    CloseReason::Quit => {
+                        assert_eq!(codes, vec![221]);
+                        End::Quit
+                    }
+                    CloseReason::TooManyErrors => {
+                        assert_eq!(pre.errors(), MAX_ERRORS);
+                        assert_eq!(codes.len(), 2);
+                        assert_eq!(codes[1], 421);
+                        End::Close(reason)
+                    }
+                    other => {
+                        assert_eq!(codes, vec![221], "{other:?}");
+                        End::Close(reason)
+                    }
+                }
+            }
+            Next::Done(Handoff::StartTls { reply, discarded }) => {
                 assert_eq!(our_replies(&reply), vec![220]);
-                let at = handed_over(&mut reader, stream, fed);
+                let at = handed_over(stream, fed, &discarded);
                 let line = last_line(&stream[..at]);
                 let text = std::str::from_utf8(line).expect("an accepted STARTTLS line is UTF-8");
                 let (verb, arg) = text.split_once(' ').unwrap_or((text, ""));
@@ -128,18 +144,23 @@ fn run(stream: &[u8], require_starttls: bool, seed: u8) -> Run {
                 );
                 End::StartTls { at }
             }
-            Step::PassThrough(line) => {
+            Next::Done(Handoff::PassThrough { greet, forward }) => {
                 assert!(
                     !require_starttls,
                     "pass-through on a require_starttls listener"
                 );
+                let crlf = forward
+                    .windows(2)
+                    .position(|w| w == b"\r\n")
+                    .expect("the deciding line is re-emitted with CRLF");
+                let line = forward[..crlf].to_vec();
                 assert!(
                     !line.iter().any(|&b| (b < 0x20 && b != b'\t') || b == 0x7f),
                     "a control byte would be replayed upstream"
                 );
-                let at = handed_over(&mut reader, stream, fed);
+                let at = handed_over(stream, fed, &forward[crlf + 2..]);
                 assert_eq!(last_line(&stream[..at]), line.as_slice());
-                if let Some(greet) = dialogue.greet() {
+                if let Some(greet) = greet {
                     let replay = greet.line();
                     assert!(replay.len() <= MAX_COMMAND_LINE && replay.ends_with(b"\r\n"));
                     assert_eq!(replay.iter().filter(|&&b| b == b'\n').count(), 1);
@@ -151,20 +172,13 @@ fn run(stream: &[u8], require_starttls: bool, seed: u8) -> Run {
     }
 }
 
-/// Takes what the reader holds at a hand-over and checks that it is exactly the stream
-/// after the deciding line's LF, as far as it was read; returns that offset.
-fn handed_over(reader: &mut LineReader, stream: &[u8], fed: usize) -> usize {
-    let rest = reader.take_remaining();
-    assert_eq!(reader.buffered(), 0);
-    assert_eq!(
-        reader.next_event(),
-        None,
-        "bytes yielded after the hand-over"
-    );
+/// Checks that the bytes handed over are exactly the stream after the deciding line's LF,
+/// as far as it was read; returns that offset.
+fn handed_over(stream: &[u8], fed: usize, rest: &[u8]) -> usize {
     let at = fed - rest.len();
     assert_eq!(
         &stream[at..fed],
-        rest.as_slice(),
+        rest,
         "handed-over bytes are not the stream's"
     );
     assert!(

@@ -46,10 +46,30 @@ pub enum Step {
     /// The client said QUIT: send the reply and close.
     Quit(Vec<u8>),
     /// Send the reply and close; the client broke the protocol (`reason` is for the log).
-    Close {
-        reply: Vec<u8>,
-        reason: &'static str,
-    },
+    Close { reply: Vec<u8>, reason: CloseReason },
+}
+
+/// Why the pre-TLS dialogue closed the connection (the log's `reason`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client said QUIT (not an error).
+    Quit,
+    TooManyErrors,
+    /// An HTTP verb: cross-protocol traffic (ALPACA).
+    CrossProtocol,
+    /// A TLS ClientHello where a STARTTLS dialogue was expected (catalogue SM-13).
+    TlsOnStarttlsPort,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::Quit => "quit",
+            CloseReason::TooManyErrors => "too many errors",
+            CloseReason::CrossProtocol => "cross-protocol command (HTTP)",
+            CloseReason::TlsOnStarttlsPort => "TLS ClientHello on a STARTTLS port",
+        }
+    }
 }
 
 /// The dialogue of one session.
@@ -85,6 +105,7 @@ impl Dialogue {
         self.greet.as_ref()
     }
 
+    #[cfg(any(test, feature = "fuzzing"))]
     pub fn errors(&self) -> u32 {
         self.errors
     }
@@ -140,7 +161,7 @@ impl Dialogue {
             // Cross-protocol attempts (ALPACA, HTTP to port 25): no dialogue with them.
             "GET" | "POST" | "CONNECT" | "PUT" | "HEAD" | "HOST:" => Step::Close {
                 reply: b"221 2.7.0 Error: I can break rules, too. Goodbye.\r\n".to_vec(),
-                reason: "cross-protocol command (HTTP)",
+                reason: CloseReason::CrossProtocol,
             },
             _ => self.reject("502 5.5.2 Error: command not recognized"),
         }
@@ -155,7 +176,7 @@ impl Dialogue {
                     self.hostname
                 )
                 .into_bytes(),
-                reason: "too many errors",
+                reason: CloseReason::TooManyErrors,
             };
         }
         Step::Reply(format!("{reply}\r\n").into_bytes())
@@ -288,7 +309,7 @@ mod tests {
         }
         match run(&mut d, "FOO") {
             Step::Close { reply, reason } => {
-                assert_eq!(reason, "too many errors");
+                assert_eq!(reason, CloseReason::TooManyErrors);
                 let r = String::from_utf8(reply).unwrap();
                 assert!(r.starts_with("502"));
                 assert!(r.contains("\r\n421 4.7.0 "));

@@ -4,5 +4,6 @@
 pub mod dialogue;
 pub mod ehlo;
 pub mod line;
+pub mod pretls;
 pub mod reply;
 pub mod stream;
