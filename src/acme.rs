@@ -28,7 +28,7 @@ use tokio::task::JoinHandle;
 
 use crate::config::AcmeSpec;
 use crate::metrics::{AcmeLabels, CertLabels, DomainsLabel, metrics};
-use crate::tls::store::{self, ServedCert};
+use crate::tls::cert::{self, ServedCert};
 
 /// What one `acme` entry serves right now.
 #[derive(Debug)]
@@ -70,7 +70,7 @@ impl AcmeSlot {
         }
         let certified =
             CertifiedKey::from_der(chain, key, provider).map_err(|e| format!("key/chain: {e}"))?;
-        let served = Arc::new(store::describe(
+        let served = Arc::new(cert::describe(
             certified,
             format!("acme:{}", self.spec.directory),
         )?);
@@ -134,7 +134,7 @@ impl AcmeManager {
         if let Some(e) = entries.get(spec) {
             return Ok(e.slot.clone());
         }
-        let placeholder = Arc::new(store::self_signed_for(&spec.domains, provider)?);
+        let placeholder = Arc::new(cert::self_signed_for(&spec.domains, provider)?);
         let slot = Arc::new(AcmeSlot {
             spec: spec.clone(),
             placeholder,

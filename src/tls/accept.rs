@@ -12,9 +12,9 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::LazyConfigAcceptor;
 use tokio_rustls::server::TlsStream;
 
+use super::cert::ServedCert;
 use super::client_auth::{self, ClientCertFacts};
 use super::resolve::{CertChoice, HelloFacts, ListenerResolver};
-use super::store::ServedCert;
 
 /// The TLS alert record `unrecognized_name` (fatal), TLS 1.2 record version.
 const ALERT_UNRECOGNIZED_NAME: [u8; 7] = [0x15, 0x03, 0x03, 0x00, 0x02, 0x02, 0x70];

@@ -116,6 +116,15 @@ pub enum ClientVerify {
 }
 
 impl ClientVerify {
+    /// The bounded class: `ok`, `no_ca` or `failed` (metric label).
+    pub fn class(&self) -> &'static str {
+        match self {
+            ClientVerify::Ok => "ok",
+            ClientVerify::NoCa => "no_ca",
+            ClientVerify::Failed(_) => "failed",
+        }
+    }
+
     pub fn as_str(&self) -> &str {
         match self {
             ClientVerify::Ok => "ok",

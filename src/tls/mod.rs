@@ -2,13 +2,15 @@
 //! handshake, and the client configuration used to re-encrypt towards an upstream.
 
 pub mod accept;
+pub mod cert;
 pub mod client_auth;
 pub mod resolve;
 pub mod store;
 pub mod upstream;
 
 pub use accept::{HandshakeFailure, ListenerTls, TlsFacts, accept};
-pub use store::{CertStore, ServedCert};
+pub use cert::ServedCert;
+pub use store::CertStore;
 
 use std::sync::Arc;
 

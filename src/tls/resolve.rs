@@ -9,7 +9,8 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{CipherSuite, SignatureScheme};
 
-use super::store::{CertStore, KeyKind, ServedCert};
+use super::cert::{KeyKind, ServedCert};
+use super::store::CertStore;
 use crate::config::UnknownSni;
 
 /// What the client said that matters for the choice.
