@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::limits::{Counter, PerIp};
-use crate::session::{self, Accepted, Peer, SessionReport};
+use crate::session::{self, Accepted, LimitKind, Peer};
 use crate::snapshot::Snapshot;
 
 /// Pause after a failed accept, so descriptor exhaustion never becomes a busy loop.
@@ -67,29 +67,21 @@ pub async fn serve(
             .max_connections
             .unwrap_or(shared.default_max_connections);
         drop(snapshot);
-        crate::metrics::metrics()
-            .connections
-            .get_or_create(&crate::metrics::ListenerLabel {
-                listener: name.clone(),
-            })
-            .inc();
+        runtime.counters.connection();
         let local = tcp.local_addr().unwrap_or(runtime.config.listen);
         let session_id = session::new_session_id();
         let slots = match shared.global.try_acquire(global_max) {
-            None => Err("max_connections"),
+            None => Err(LimitKind::MaxConnections),
             Some(g) => match count.try_acquire(runtime.config.limits.max_connections) {
-                None => Err("listener_max_connections"),
+                None => Err(LimitKind::ListenerMaxConnections),
                 Some(l) => Ok((g, l)),
             },
         };
+        let peer = Peer { client, local };
         let (global, listener_slot) = match slots {
             Ok(slots) => slots,
             Err(which) => {
-                let mut report =
-                    SessionReport::new(session_id, &name, client, &runtime.upstream.config.name);
-                session::refuse(&tcp, &runtime, &mut report, which);
-                drop(tcp);
-                report.emit();
+                session::refuse_at_accept(tcp, runtime, peer, session_id, which);
                 continue;
             }
         };
@@ -101,7 +93,7 @@ pub async fn serve(
         );
         let accepted = Accepted {
             tcp,
-            peer: Peer { client, local },
+            peer,
             listener: runtime,
             session_id,
             global,

@@ -1,8 +1,13 @@
 //! Prometheus metrics (prometheus-client): one process-wide registry, fed from the session
-//! summary (`record_session`), the handshake, the upstream connector, reloads, the
+//! summary (`session_ended`), the handshake, the upstream connector, reloads, the
 //! certificate store and the health probe. Names are stable and documented in the README.
 //! Label values are bounded: listener/upstream/certificate names come from the config,
 //! outcomes and reasons from fixed sets, never from client input.
+//!
+//! A leaf: nothing from the crate is imported. Callers pass names, `&'static str` labels
+//! (from their enums' `as_str()`) and numbers. Per-listener handles ([`ListenerCounters`])
+//! are made when a snapshot is built, so a session bumps counters without building label
+//! strings, and those series exist at 0 from the start.
 
 use std::sync::OnceLock;
 use std::sync::atomic::AtomicU64;
@@ -13,9 +18,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-
-use crate::session::{SessionReport, Transport};
-use crate::tls::CertStore;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabel {
@@ -220,33 +222,42 @@ impl Metrics {
         out
     }
 
-    /// Everything the session's summary line says that is also a metric.
-    pub fn record_session(&self, r: &SessionReport) {
-        let listener = || r.listener.clone();
+    /// Everything the session's summary line says that is also a metric. `transport` is
+    /// given for sessions that reached the upstream.
+    pub fn session_ended(
+        &self,
+        listener: &str,
+        outcome: &'static str,
+        transport: Option<&'static str>,
+        pipelined_discarded: u64,
+        bytes_from_client: u64,
+        bytes_from_upstream: u64,
+    ) {
+        let listener = || listener.to_owned();
         self.sessions
             .get_or_create(&OutcomeLabels {
                 listener: listener(),
-                outcome: r.outcome.kind().to_owned(),
+                outcome: outcome.to_owned(),
             })
             .inc();
-        if r.upstream_addr.is_some() && r.transport != Transport::None {
+        if let Some(transport) = transport {
             self.transports
                 .get_or_create(&TransportLabels {
                     listener: listener(),
-                    transport: r.transport.as_str().to_owned(),
+                    transport: transport.to_owned(),
                 })
                 .inc();
         }
-        if r.pipelined_discarded > 0 {
+        if pipelined_discarded > 0 {
             self.pipelined_discarded
                 .get_or_create(&ListenerLabel {
                     listener: listener(),
                 })
-                .inc_by(r.pipelined_discarded);
+                .inc_by(pipelined_discarded);
         }
         for (direction, n) in [
-            ("from_client", r.bytes_from_client),
-            ("from_upstream", r.bytes_from_upstream),
+            ("from_client", bytes_from_client),
+            ("from_upstream", bytes_from_upstream),
         ] {
             if n > 0 {
                 self.bytes
@@ -256,6 +267,33 @@ impl Metrics {
                     })
                     .inc_by(n);
             }
+        }
+    }
+
+    /// The handles of one listener's counters (created, so they exist at 0).
+    pub fn listener_counters(
+        &self,
+        listener: &str,
+        client_cert_mode: &'static str,
+    ) -> ListenerCounters {
+        let label = ListenerLabel {
+            listener: listener.to_owned(),
+        };
+        let handshake_ok = self
+            .handshakes
+            .get_or_create(&HandshakeLabels {
+                listener: listener.to_owned(),
+                result: "ok".to_owned(),
+                reason: String::new(),
+            })
+            .clone();
+        ListenerCounters {
+            listener: listener.to_owned(),
+            client_cert_mode,
+            connections: self.connections.get_or_create(&label).clone(),
+            active: self.active.get_or_create(&label).clone(),
+            sni_fallbacks: self.sni_fallbacks.get_or_create(&label).clone(),
+            handshake_ok,
         }
     }
 
@@ -283,34 +321,38 @@ impl Metrics {
             .inc();
     }
 
-    pub fn reload(&self, ok: bool) {
+    /// `result`: `ok` or `failed` (the server's `ReloadResult::as_str`).
+    pub fn reload(&self, result: &'static str) {
         self.reloads
             .get_or_create(&ResultLabel {
-                result: if ok { "ok" } else { "failed" }.to_owned(),
+                result: result.to_owned(),
             })
             .inc();
     }
 
-    /// Replaces the expiry gauges with the store's certificates (removed ones disappear).
-    pub fn certificates(&self, store: &CertStore) {
+    /// Both reload results exist at 0 from the start, so `increase()` alerts work at once.
+    pub fn reload_results(&self, results: &[&'static str]) {
+        for r in results {
+            let _ = self.reloads.get_or_create(&ResultLabel {
+                result: (*r).to_owned(),
+            });
+        }
+    }
+
+    /// Replaces the expiry gauges with these (certificate, origin, notAfter) rows; removed
+    /// certificates disappear.
+    pub fn set_certificate_expiry<'a>(
+        &self,
+        rows: impl IntoIterator<Item = (&'a str, &'a str, i64)>,
+    ) {
         self.cert_expiry.clear();
-        for c in store.all() {
+        for (certificate, origin, not_after) in rows {
             self.cert_expiry
                 .get_or_create(&CertLabels {
-                    certificate: c.label.clone(),
-                    origin: c.origin.clone(),
+                    certificate: certificate.to_owned(),
+                    origin: origin.to_owned(),
                 })
-                .set(c.not_after);
-        }
-        for slot in store.acme_slots() {
-            if let Some(c) = slot.issued() {
-                self.cert_expiry
-                    .get_or_create(&CertLabels {
-                        certificate: c.label.clone(),
-                        origin: "acme".into(),
-                    })
-                    .set(c.not_after);
-            }
+                .set(not_after);
         }
     }
 
@@ -327,6 +369,48 @@ impl Metrics {
         self.upstream_up.remove(&UpstreamLabel {
             upstream: upstream.to_owned(),
         });
+    }
+}
+
+/// One listener's counter handles, bumped without label lookups.
+#[derive(Debug, Clone)]
+pub struct ListenerCounters {
+    listener: String,
+    client_cert_mode: &'static str,
+    connections: Counter,
+    active: Gauge,
+    sni_fallbacks: Counter,
+    handshake_ok: Counter,
+}
+
+impl ListenerCounters {
+    /// A connection accepted (refused ones included).
+    pub fn connection(&self) {
+        self.connections.inc();
+    }
+
+    /// The active-sessions gauge, for `session_active`-style guards.
+    pub fn active(&self) -> &Gauge {
+        &self.active
+    }
+
+    /// A completed server handshake: whether the default certificate stood in for an
+    /// unknown SNI, and the verify class of a presented client certificate.
+    pub fn handshake_ok(&self, sni_fallback: bool, client_cert_verify: Option<&'static str>) {
+        self.handshake_ok.inc();
+        if sni_fallback {
+            self.sni_fallbacks.inc();
+        }
+        if let Some(verify) = client_cert_verify {
+            metrics()
+                .client_certs
+                .get_or_create(&ClientCertLabels {
+                    listener: self.listener.clone(),
+                    mode: self.client_cert_mode.to_owned(),
+                    verify: verify.to_owned(),
+                })
+                .inc();
+        }
     }
 }
 

@@ -164,7 +164,8 @@ pub async fn run(
     let grace = snapshot.config.shutdown_grace;
     let health = Arc::new(Health::default());
     health.sync(&snapshot);
-    metrics().certificates(&snapshot.store);
+    metrics().reload_results(&ReloadResult::ALL.map(ReloadResult::as_str));
+    snapshot.store.publish_expiry();
     acme.sync(&acme_specs(&snapshot), &crate::tls::provider());
     let shared = Arc::new(Shared {
         current: Arc::new(ArcSwap::from_pointee(snapshot)),
@@ -254,6 +255,24 @@ pub async fn run(
     tracing::info!("stopped");
 }
 
+/// How a reload ended (the `result` label of `smtp_proxy_reloads_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReloadResult {
+    Ok,
+    Failed,
+}
+
+impl ReloadResult {
+    const ALL: [ReloadResult; 2] = [ReloadResult::Ok, ReloadResult::Failed];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            ReloadResult::Ok => "ok",
+            ReloadResult::Failed => "failed",
+        }
+    }
+}
+
 /// What asked for a reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Cause {
@@ -322,7 +341,7 @@ async fn reload(
         }
     }
     let names: Vec<String> = next.listeners.keys().cloned().collect();
-    metrics().certificates(&next.store);
+    next.store.publish_expiry();
     health.sync(&next);
     acme.sync(&acme_specs(&next), &crate::tls::provider());
     shared.current.store(Arc::new(next));
@@ -341,7 +360,7 @@ async fn reload(
     for (b, listen) in fresh {
         running.insert(b.name.clone(), start(shared, stop_all, b, listen));
     }
-    metrics().reload(true);
+    metrics().reload(ReloadResult::Ok.as_str());
     tracing::info!(config = %path.display(), cause, "reloaded");
     for w in crate::check::warnings(&shared.current.load().config) {
         tracing::warn!(warning = %w, "configuration warning");
@@ -361,7 +380,7 @@ fn acme_specs(s: &Snapshot) -> Vec<AcmeSpec> {
 }
 
 fn reload_failed(cause: &str, error: &str) {
-    metrics().reload(false);
+    metrics().reload(ReloadResult::Failed.as_str());
     tracing::error!(
         cause,
         error,

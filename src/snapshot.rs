@@ -38,6 +38,8 @@ pub struct ListenerRuntime {
     pub config: ListenerConfig,
     pub tls: ListenerTls,
     pub upstream: Arc<UpstreamRuntime>,
+    /// This listener's metric handles.
+    pub counters: crate::metrics::ListenerCounters,
     /// What TLS resumption depends on; the session cache is kept across reloads while it
     /// stays the same.
     resumption: Resumption,
@@ -146,6 +148,7 @@ pub fn build(
                 config: l.clone(),
                 tls,
                 upstream,
+                counters: crate::metrics::metrics().listener_counters(name, l.client_cert.as_str()),
                 resumption,
             }),
         );

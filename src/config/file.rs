@@ -192,6 +192,17 @@ pub enum ClientCertMode {
     Require,
 }
 
+impl ClientCertMode {
+    /// As written in proxy.yaml (log fields, metric labels).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientCertMode::None => "none",
+            ClientCertMode::Request => "request",
+            ClientCertMode::Require => "require",
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, Clone)]
 #[serde(deny_unknown_fields, default)]
 pub struct LimitsFile {
