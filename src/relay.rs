@@ -79,10 +79,26 @@ pub struct RelayReport {
     pub bytes_from_client: u64,
     pub bytes_from_upstream: u64,
     pub end: RelayEnd,
-    /// How the client closed its side, if it did: `Some(true)` a clean end of stream (TLS
-    /// close_notify, or FIN in plaintext), `Some(false)` TLS cut without close_notify
-    /// (a truncation, catalogue TL-11).
-    pub client_clean_close: Option<bool>,
+    /// How the client closed its side, if it did.
+    pub client_close: Option<ClientClose>,
+}
+
+/// How the client ended its side of the relay (the `client_close` log field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientClose {
+    /// A clean end of stream: TLS close_notify, or FIN in plaintext.
+    Clean,
+    /// TLS cut without close_notify (a truncation, catalogue TL-11).
+    Truncated,
+}
+
+impl ClientClose {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientClose::Clean => "clean",
+            ClientClose::Truncated => "truncated",
+        }
+    }
 }
 
 /// How the relay ended.
@@ -151,7 +167,7 @@ where
             r = read_into(client, &mut held), if read_client => match r {
                 Ok(0) => {
                     client_open = false;
-                    report.client_clean_close = Some(true);
+                    report.client_close = Some(ClientClose::Clean);
                 }
                 Ok(n) => {
                     report.bytes_from_client += n as u64;
@@ -159,7 +175,7 @@ where
                 }
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
                     client_open = false;
-                    report.client_clean_close = Some(false);
+                    report.client_close = Some(ClientClose::Truncated);
                 }
                 Err(_) => break RelayEnd::Reset,
             },

@@ -1,50 +1,24 @@
 //! Implicit TLS (port 465): handshake first, then the upstream with a PROXY header carrying
 //! the TLS facts, its greeting forwarded unchanged, then the relay.
 
-use crate::io::ClientIo;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{Outcome, Peer, SessionReport, Transport, proxy_header, write_reply};
-use crate::relay;
+use super::report::{Outcome, Transport};
+use super::{Ended, Finished, Session, write_reply};
 use crate::smtp::stream::{STARTTLS_IN_TLS, SmtpStream};
-use crate::snapshot::ListenerRuntime;
-use crate::upstream;
 
-pub async fn run(tcp: ClientIo, peer: Peer, l: &ListenerRuntime, report: &mut SessionReport) {
-    let limits = &l.config.limits;
-    // Boxed: the handshake's and the connect's state is freed once they are done, so an
-    // idle relayed session's task keeps only what the relay needs (bench: idle RSS).
-    let Some(mut client) = Box::pin(super::handshake(tcp, l, report, Transport::Implicit)).await
-    else {
-        return;
-    };
-
-    let header = proxy_header(l.upstream.config.proxy_protocol, peer, report);
-    let mut up = match Box::pin(upstream::connect(&l.upstream, &header)).await {
-        Ok(up) => up,
-        Err(e) => {
-            let _ = write_reply(&mut client, &e.reply(&l.config.hostname)).await;
-            let _ = client.shutdown().await;
-            report.outcome = Outcome::UpstreamFailed(e.to_string());
-            return;
-        }
-    };
-    report.upstream_addr = Some(up.addr);
+pub(super) async fn run<S>(session: Session<S>) -> Result<Finished, Finished>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let session = Box::pin(session.into_tls(Transport::Implicit)).await?;
+    let (mut session, up) = Box::pin(session.connect()).await?;
     // The greeting goes to the client unchanged (the MTA's own policy, e.g. a 554, included).
-    if write_reply(&mut client, &up.greeting).await.is_err() {
-        report.outcome = Outcome::Reset;
-        return;
+    if write_reply(&mut session.io, &up.greeting).await.is_err() {
+        return Err(session.end(Ended::silent(Outcome::Reset)));
     }
-    report.bytes_from_upstream = up.greeting.len() as u64;
-    let mut smtp = SmtpStream::new(STARTTLS_IN_TLS);
-    let r = relay::relay(
-        &mut client,
-        &mut up.stream,
-        limits.idle_timeout,
-        &mut smtp,
-        Vec::new(),
-        &l.config.hostname,
-    )
-    .await;
-    super::finish_relay(report, r);
+    session.facts.bytes_from_upstream = up.greeting.len() as u64;
+    Ok(session
+        .relay(up, SmtpStream::new(STARTTLS_IN_TLS), Vec::new())
+        .await)
 }

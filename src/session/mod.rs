@@ -1,28 +1,42 @@
-//! One client connection from accept to its summary line: the listener's mode decides the
-//! path (`implicit` or `starttls`); both end in `upstream::connect` and `relay`.
+//! One client connection from accept to its summary line, as typed phases over any stream.
+//!
+//! A [`Session<S>`] owns its stream and its [`Facts`]. Each phase consumes the session and
+//! returns the next one (over the next stream type: `TcpStream` → `Prefixed` → TLS), or a
+//! [`Finished`]: how it ended and the reply still owed to the client. [`run`] chains the
+//! phases, writes an owed reply in one place, frees the connection slots, and only then
+//! builds and emits the report from the facts and the outcome.
+//!
+//! ```text
+//! run: inbound PROXY header -> per-IP slot -> implicit | starttls
+//!   implicit: into_tls -> connect (greeting forwarded) -> relay
+//!   starttls: dialogue (smtp::pretls) -> Upgrade:     into_tls -> first command -> connect -> relay
+//!                                     -> PassThrough: connect -> replay EHLO/HELO -> relay
+//! ```
+//! Each phase's future is boxed where `run` awaits it (the measured idle-memory decision:
+//! an idle relayed session's task keeps only the relay's state, not the handshake's).
 
-pub mod implicit;
+mod implicit;
+mod phases;
 pub mod report;
-pub mod starttls;
+mod starttls;
+#[cfg(test)]
+mod tests;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{Mode, ProxyVersion};
-use crate::io::ClientIo;
-use crate::limits::{PerIp, Permits, Slot};
-use crate::proxy_header::inbound;
-use crate::proxy_header::outbound::{self, ClientCertHeader, TlsHeaderFacts};
+use crate::config::Mode;
+use crate::limits::{IpSlot, PerIp, Slot};
 use crate::smtp::reply;
 use crate::snapshot::ListenerRuntime;
-use crate::tls::client_auth::ClientVerify;
-pub use report::{Outcome, SessionReport, Transport};
+pub use phases::{Ended, Finished, Owed, Session};
+pub use report::{Facts, LimitKind, Outcome, Phase, SessionReport, Transport};
 
 /// Bound on writing one reply of ours to a client that does not read.
 const REPLY_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,76 +65,63 @@ pub struct Accepted {
 
 /// Runs a session to its end and emits its summary line.
 pub async fn run(a: Accepted) {
-    let Accepted {
-        tcp,
-        mut peer,
-        listener,
-        session_id,
-        global,
-        listener_slot,
-        per_ip,
-        shutdown,
-    } = a;
-    let _ = tcp.set_nodelay(true);
-    let cfg = &listener.config;
-    let active = Active::start(&cfg.name);
-    let mut report = SessionReport::new(
-        session_id,
-        &cfg.name,
-        peer.client,
-        &listener.upstream.config.name,
-    );
-    let mut tcp = tcp;
-    let mut rest = Vec::new();
-    if trusted_balancer(&cfg.accept_proxy_protocol, peer.client.ip()) {
-        match Box::pin(inbound::read(&mut tcp, cfg.limits.handshake_timeout)).await {
-            Ok((carried, after)) => {
-                if let Some((client, local)) = carried {
-                    report.via = Some(peer.client);
-                    report.client = client;
-                    peer = Peer { client, local };
-                    tracing::Span::current().record("client", tracing::field::display(client));
-                }
-                rest = after;
-            }
-            Err(e) => {
-                drop((global, listener_slot, tcp, active));
-                report.outcome = Outcome::ProtocolError(e.to_string());
-                report.emit();
-                return;
-            }
-        }
-    }
-    let Some(ip_slot) = per_ip.try_acquire(peer.client.ip(), cfg.limits.per_ip) else {
-        refuse(&tcp, &listener, &mut report, "per_ip");
-        drop((global, listener_slot, tcp, active));
-        report.emit();
-        return;
-    };
-    let permits = Permits {
-        global,
-        listener: listener_slot,
-        ip: Some(ip_slot),
-    };
-    let client = ClientIo::new(tcp, rest);
-    // Each path boxed: the task is sized by its own path, not by the larger of the two.
-    match cfg.mode {
-        Mode::Implicit => Box::pin(implicit::run(client, peer, &listener, &mut report)).await,
-        Mode::Starttls => {
-            Box::pin(starttls::run(
-                client,
-                peer,
-                &listener,
-                &mut report,
-                &shutdown,
-            ))
-            .await
-        }
-    }
+    let _ = a.tcp.set_nodelay(true);
+    let active = Active::start(a.listener.counters.active());
+    let report = serve(
+        a.tcp,
+        a.listener,
+        a.peer,
+        a.session_id,
+        &a.per_ip,
+        &a.shutdown,
+    )
+    .await;
     // Slots are free (and sockets closed) before the line is out: whoever reads the log
     // may rely on it.
-    drop((permits, active));
+    drop((a.global, a.listener_slot, active));
     report.emit();
+}
+
+/// A session over any stream, from its first byte to its report (not emitted): the phases
+/// chained, the owed reply written, the stream and the per-IP slot released.
+pub async fn serve<S>(
+    io: S,
+    listener: Arc<ListenerRuntime>,
+    peer: Peer,
+    session_id: String,
+    per_ip: &Arc<PerIp>,
+    shutdown: &CancellationToken,
+) -> SessionReport
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let session = Session::new(io, Facts::new(session_id, listener, peer));
+    let mut ip_slot = None;
+    let finished = match phases(session, per_ip, &mut ip_slot, shutdown).await {
+        Ok(f) | Err(f) => f,
+    };
+    let report = finished.close().await;
+    drop(ip_slot);
+    report
+}
+
+/// The phases in order; `Err` is a session that ended early.
+async fn phases<S>(
+    session: Session<S>,
+    per_ip: &Arc<PerIp>,
+    ip_slot: &mut Option<IpSlot>,
+    shutdown: &CancellationToken,
+) -> Result<Finished, Finished>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let session = Box::pin(session.read_proxy_header()).await?;
+    let (session, slot) = session.admit(per_ip)?;
+    *ip_slot = Some(slot);
+    Ok(match session.listener().config.mode {
+        Mode::Implicit => Box::pin(implicit::run(session)).await?,
+        Mode::Starttls => Box::pin(starttls::run(session, shutdown)).await?,
+    })
 }
 
 /// Whether `ip` may (and must) send an inbound PROXY header.
@@ -129,147 +130,32 @@ fn trusted_balancer(cidrs: &[IpNet], ip: IpAddr) -> bool {
     cidrs.iter().any(|net| net.contains(&ip))
 }
 
-/// Refuses a connection over a limit: `421 4.7.0` on STARTTLS listeners (written without
-/// waiting: a fresh socket's send buffer has room), a bare close on implicit ones.
-pub fn refuse(
-    tcp: &TcpStream,
-    l: &ListenerRuntime,
-    report: &mut SessionReport,
-    which: &'static str,
+/// Refuses a connection over a limit at accept, before a session exists: `421 4.7.0` on
+/// STARTTLS listeners (written without waiting: a fresh socket's send buffer has room), a
+/// bare close on implicit ones; then the summary line.
+pub fn refuse_at_accept(
+    tcp: TcpStream,
+    listener: Arc<ListenerRuntime>,
+    peer: Peer,
+    session_id: String,
+    which: LimitKind,
 ) {
-    if l.config.mode == Mode::Starttls {
-        let _ = tcp.try_write(&reply::too_many_connections(&l.config.hostname));
+    if listener.config.mode == Mode::Starttls {
+        let _ = tcp.try_write(&reply::too_many_connections(&listener.config.hostname));
     }
-    report.outcome = Outcome::Limit(which);
-}
-
-/// The server handshake under `handshake_timeout`; on failure the outcome is set and
-/// `None` returned, on success the TLS facts and transport are in the report.
-pub async fn handshake(
-    tcp: ClientIo,
-    l: &ListenerRuntime,
-    report: &mut SessionReport,
-    transport: Transport,
-) -> Option<tokio_rustls::server::TlsStream<ClientIo>> {
-    let result = crate::tls::accept(tcp, &l.tls, l.config.limits.handshake_timeout).await;
-    record_handshake(l, &result);
-    match result {
-        Ok((stream, facts)) => {
-            report.transport = transport;
-            report.tls = Some(facts);
-            Some(stream)
-        }
-        Err(crate::tls::HandshakeFailure::Timeout) => {
-            report.outcome = Outcome::Timeout("handshake");
-            None
-        }
-        Err(f @ crate::tls::HandshakeFailure::AcmeChallenge(_)) => {
-            report.outcome = Outcome::AcmeChallenge(f.to_string());
-            None
-        }
-        Err(f) => {
-            report.outcome = Outcome::HandshakeFailed(f.to_string());
-            None
-        }
+    drop(tcp);
+    SessionReport {
+        facts: Facts::new(session_id, listener, peer),
+        outcome: Outcome::Limit(which),
     }
-}
-
-fn record_handshake<S>(
-    l: &ListenerRuntime,
-    result: &Result<(S, crate::tls::TlsFacts), crate::tls::HandshakeFailure>,
-) {
-    let m = crate::metrics::metrics();
-    let listener = &l.config.name;
-    match result {
-        Err(f) => m.handshake(listener, Some(f.class())),
-        Ok((_, facts)) => {
-            m.handshake(listener, None);
-            if facts.fallback {
-                m.sni_fallbacks
-                    .get_or_create(&crate::metrics::ListenerLabel {
-                        listener: listener.clone(),
-                    })
-                    .inc();
-            }
-            if let Some(c) = &facts.client_cert {
-                let verify = match c.verify {
-                    ClientVerify::Ok => "ok",
-                    ClientVerify::NoCa => "no_ca",
-                    ClientVerify::Failed(_) => "failed",
-                };
-                m.client_certs
-                    .get_or_create(&crate::metrics::ClientCertLabels {
-                        listener: listener.clone(),
-                        mode: format!("{:?}", l.config.client_cert).to_lowercase(),
-                        verify: verify.to_owned(),
-                    })
-                    .inc();
-            }
-        }
-    }
-}
-
-/// Counts a session as active from its start to its end.
-struct Active(crate::metrics::ListenerLabel);
-
-impl Active {
-    fn start(listener: &str) -> Active {
-        let label = crate::metrics::ListenerLabel {
-            listener: listener.to_owned(),
-        };
-        crate::metrics::metrics().active.get_or_create(&label).inc();
-        Active(label)
-    }
-}
-
-impl Drop for Active {
-    fn drop(&mut self) {
-        crate::metrics::metrics()
-            .active
-            .get_or_create(&self.0)
-            .dec();
-    }
-}
-
-/// Adds the relay's counts and end to the report.
-pub fn finish_relay(report: &mut SessionReport, r: crate::relay::RelayReport) {
-    report.bytes_from_client += r.bytes_from_client;
-    report.bytes_from_upstream += r.bytes_from_upstream;
-    report.client_clean_close = r.client_clean_close;
-    report.outcome = match r.end {
-        crate::relay::RelayEnd::Closed => Outcome::Relayed,
-        crate::relay::RelayEnd::IdleTimeout => Outcome::Timeout("idle"),
-        crate::relay::RelayEnd::Reset => Outcome::Reset,
-        crate::relay::RelayEnd::UpstreamProtocol(e) => Outcome::UpstreamFailed(e),
-    };
-}
-
-/// The PROXY header for this session, as the upstream is configured to expect it.
-pub fn proxy_header(version: ProxyVersion, peer: Peer, report: &SessionReport) -> Vec<u8> {
-    match version {
-        ProxyVersion::None => Vec::new(),
-        ProxyVersion::V1 => outbound::encode_v1(peer.client, peer.local),
-        ProxyVersion::V2 => {
-            let tls = report.tls.as_ref().map(|t| TlsHeaderFacts {
-                sni: t.sni.as_deref(),
-                alpn: t.alpn.as_deref(),
-                version: t.version,
-                cipher: &t.cipher,
-                sig_alg: &t.cert.sig_alg,
-                key_alg: &t.cert.key_alg,
-                client_cert: t.client_cert.as_ref().map(|c| ClientCertHeader {
-                    cn: c.cn.as_deref(),
-                    sha256: &c.sha256,
-                    verified: c.verify == ClientVerify::Ok,
-                }),
-            });
-            outbound::encode_v2(peer.client, peer.local, &report.session_id, tls.as_ref())
-        }
-    }
+    .emit();
 }
 
 /// Writes one reply of ours, bounded in time; a client that does not read is not our problem.
-pub async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, reply: &[u8]) -> std::io::Result<()> {
+pub async fn write_reply<W: AsyncWrite + Unpin + ?Sized>(
+    w: &mut W,
+    reply: &[u8],
+) -> std::io::Result<()> {
     match tokio::time::timeout(REPLY_WRITE_TIMEOUT, async {
         w.write_all(reply).await?;
         w.flush().await
@@ -281,6 +167,22 @@ pub async fn write_reply<W: AsyncWrite + Unpin>(w: &mut W, reply: &[u8]) -> std:
             std::io::ErrorKind::TimedOut,
             "client does not read",
         )),
+    }
+}
+
+/// Counts a session as active from its start to its end.
+struct Active(prometheus_client::metrics::gauge::Gauge);
+
+impl Active {
+    fn start(gauge: &prometheus_client::metrics::gauge::Gauge) -> Active {
+        gauge.inc();
+        Active(gauge.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

@@ -1,11 +1,18 @@
-//! `SessionReport`: the facts of one session, emitted as exactly one log line at its end.
+//! `Facts` of one session and its `SessionReport`: exactly one log line at its end.
 //! Field names are stable (documented in the README) and identical in text and JSON.
 
 use std::fmt;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Instant;
 
+use super::Peer;
+use crate::config::ProxyVersion;
+use crate::proxy_header::outbound::{self, ClientCertHeader, TlsHeaderFacts};
+pub use crate::relay::ClientClose;
+use crate::snapshot::ListenerRuntime;
 use crate::tls::TlsFacts;
+use crate::tls::client_auth::ClientVerify;
 
 /// How a session ended. `kind()` is the `outcome` field; details go to `reason`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,18 +23,60 @@ pub enum Outcome {
     ClientClosed,
     HandshakeFailed(String),
     /// A timeout; the phase names which one.
-    Timeout(&'static str),
+    Timeout(Phase),
     UpstreamFailed(String),
     /// A socket error during the relay.
     Reset,
     /// A limit refused the session.
-    Limit(&'static str),
+    Limit(LimitKind),
     /// SIGTERM ended the session.
     Shutdown,
     /// The client broke the protocol badly enough to be disconnected.
     ProtocolError(String),
     /// Not a mail session: an ACME server validating a tls-alpn-01 challenge.
     AcmeChallenge(String),
+}
+
+/// Which wait timed out (the `reason` of `outcome=timeout`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// `handshake_timeout`: the TLS handshake, or an inbound PROXY header.
+    Handshake,
+    /// `command_timeout`: a command line in the pre-TLS dialogue, or the first after TLS.
+    Command,
+    /// `idle_timeout`: the relay, no byte moving either way.
+    Idle,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Handshake => "handshake",
+            Phase::Command => "command",
+            Phase::Idle => "idle",
+        }
+    }
+}
+
+/// Which limit refused a session (the `reason` of `outcome=limit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LimitKind {
+    /// The process-wide `max_connections`.
+    MaxConnections,
+    /// The listener's `limits.max_connections`.
+    ListenerMaxConnections,
+    /// `limits.per_ip`.
+    PerIp,
+}
+
+impl LimitKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LimitKind::MaxConnections => "max_connections",
+            LimitKind::ListenerMaxConnections => "listener_max_connections",
+            LimitKind::PerIp => "per_ip",
+        }
+    }
 }
 
 impl Outcome {
@@ -46,14 +95,15 @@ impl Outcome {
         }
     }
 
-    pub fn reason(&self) -> String {
+    pub fn reason(&self) -> &str {
         match self {
             Outcome::HandshakeFailed(r)
             | Outcome::UpstreamFailed(r)
             | Outcome::ProtocolError(r)
-            | Outcome::AcmeChallenge(r) => r.clone(),
-            Outcome::Timeout(phase) | Outcome::Limit(phase) => (*phase).to_owned(),
-            _ => String::new(),
+            | Outcome::AcmeChallenge(r) => r,
+            Outcome::Timeout(phase) => phase.as_str(),
+            Outcome::Limit(kind) => kind.as_str(),
+            _ => "",
         }
     }
 }
@@ -90,59 +140,101 @@ impl Transport {
     }
 }
 
-/// Everything the summary line says.
+/// The facts of one session, gathered as its phases run; with the `Outcome` they are the
+/// summary line.
 #[derive(Debug)]
-pub struct SessionReport {
+pub struct Facts {
     pub session_id: String,
-    pub listener: String,
-    pub client: SocketAddr,
+    pub listener: Arc<ListenerRuntime>,
+    /// The real client (after an inbound PROXY header) and the address it reached.
+    pub peer: Peer,
     /// The load balancer that sent an inbound PROXY header, if one did.
     pub via: Option<SocketAddr>,
     pub transport: Transport,
     pub tls: Option<TlsFacts>,
     pub pipelined_discarded: u64,
-    pub upstream: String,
     pub upstream_addr: Option<SocketAddr>,
     pub bytes_from_client: u64,
     pub bytes_from_upstream: u64,
-    /// From the relay: whether the client ended with close_notify (TLS) or FIN (plaintext).
-    pub client_clean_close: Option<bool>,
+    pub client_close: Option<ClientClose>,
     pub started: Instant,
-    pub outcome: Outcome,
 }
 
-impl SessionReport {
-    pub fn new(session_id: String, listener: &str, client: SocketAddr, upstream: &str) -> Self {
-        SessionReport {
+impl Facts {
+    pub fn new(session_id: String, listener: Arc<ListenerRuntime>, peer: Peer) -> Facts {
+        Facts {
             session_id,
-            listener: listener.to_owned(),
-            client,
+            listener,
+            peer,
             via: None,
             transport: Transport::None,
             tls: None,
             pipelined_discarded: 0,
-            upstream: upstream.to_owned(),
             upstream_addr: None,
             bytes_from_client: 0,
             bytes_from_upstream: 0,
-            client_clean_close: None,
+            client_close: None,
             started: Instant::now(),
-            outcome: Outcome::ClientClosed,
         }
     }
 
+    /// The PROXY header for this session, as the upstream is configured to expect it.
+    pub fn proxy_header(&self) -> Vec<u8> {
+        let (client, local) = (self.peer.client, self.peer.local);
+        match self.listener.upstream.config.proxy_protocol {
+            ProxyVersion::None => Vec::new(),
+            ProxyVersion::V1 => outbound::encode_v1(client, local),
+            ProxyVersion::V2 => {
+                let tls = self.tls.as_ref().map(|t| TlsHeaderFacts {
+                    sni: t.sni.as_deref(),
+                    alpn: t.alpn.as_deref(),
+                    version: t.version,
+                    cipher: &t.cipher,
+                    sig_alg: &t.cert.sig_alg,
+                    key_alg: &t.cert.key_alg,
+                    client_cert: t.client_cert.as_ref().map(|c| ClientCertHeader {
+                        cn: c.cn.as_deref(),
+                        sha256: &c.sha256,
+                        verified: c.verify == ClientVerify::Ok,
+                    }),
+                });
+                outbound::encode_v2(client, local, &self.session_id, tls.as_ref())
+            }
+        }
+    }
+}
+
+/// The summary line: built once, from the facts and how the session ended.
+#[derive(Debug)]
+pub struct SessionReport {
+    pub facts: Facts,
+    pub outcome: Outcome,
+}
+
+impl SessionReport {
     /// The one summary line of the session, and the metrics it feeds.
     pub fn emit(&self) {
-        crate::metrics::metrics().record_session(self);
-        let tls = self.tls.as_ref();
+        let f = &self.facts;
+        let cfg = &f.listener.config;
+        let m = crate::metrics::metrics();
+        m.session_ended(
+            &cfg.name,
+            self.outcome.kind(),
+            (f.upstream_addr.is_some() && f.transport != Transport::None)
+                .then(|| f.transport.as_str()),
+            f.pipelined_discarded,
+            f.bytes_from_client,
+            f.bytes_from_upstream,
+        );
+        let tls = f.tls.as_ref();
         let cc = tls.and_then(|t| t.client_cert.as_ref());
         tracing::info!(
             target: "session",
-            session_id = %self.session_id,
-            listener = %self.listener,
-            client = %self.client,
-            via = %self.via.map(|a| a.to_string()).unwrap_or_default(),
-            transport = self.transport.as_str(),
+            session_id = %f.session_id,
+            listener = %cfg.name,
+            client = %f.peer.client,
+            via = %f.via.map(|a| a.to_string()).unwrap_or_default(),
+            transport = f.transport.as_str(),
             sni = tls.and_then(|t| t.sni.as_deref()).unwrap_or(""),
             tls_version = tls.map(|t| t.version).unwrap_or(""),
             cipher = tls.map(|t| t.cipher.as_str()).unwrap_or(""),
@@ -151,17 +243,13 @@ impl SessionReport {
             client_cert_sha256 = cc.map(|c| c.fingerprint_hex()).unwrap_or_default(),
             client_cert_cn = cc.and_then(|c| c.cn.as_deref()).unwrap_or(""),
             client_cert_verify = cc.map(|c| c.verify.as_str()).unwrap_or(""),
-            pipelined_discarded = self.pipelined_discarded,
-            upstream = %self.upstream,
-            upstream_addr = %self.upstream_addr.map(|a| a.to_string()).unwrap_or_default(),
-            bytes_from_client = self.bytes_from_client,
-            bytes_from_upstream = self.bytes_from_upstream,
-            client_close = match self.client_clean_close {
-                Some(true) => "clean",
-                Some(false) => "truncated",
-                None => "",
-            },
-            duration_ms = self.started.elapsed().as_millis() as u64,
+            pipelined_discarded = f.pipelined_discarded,
+            upstream = %f.listener.upstream.config.name,
+            upstream_addr = %f.upstream_addr.map(|a| a.to_string()).unwrap_or_default(),
+            bytes_from_client = f.bytes_from_client,
+            bytes_from_upstream = f.bytes_from_upstream,
+            client_close = f.client_close.map(ClientClose::as_str).unwrap_or(""),
+            duration_ms = f.started.elapsed().as_millis() as u64,
             outcome = self.outcome.kind(),
             reason = %self.outcome.reason(),
             "session"

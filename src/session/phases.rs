@@ -1,0 +1,267 @@
+//! The session's state and the phases both paths share: the inbound PROXY header, the
+//! per-IP admission, the TLS handshake, the upstream connection, the relay. The STARTTLS
+//! dialogue is in `starttls`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio_rustls::server::TlsStream;
+
+use super::report::{Facts, LimitKind, Outcome, Phase, SessionReport, Transport};
+use super::{trusted_balancer, write_reply};
+use crate::io::Prefixed;
+use crate::limits::{IpSlot, PerIp};
+use crate::proxy_header::inbound;
+use crate::relay::{self, RelayEnd};
+use crate::smtp::reply;
+use crate::smtp::stream::SmtpStream;
+use crate::snapshot::ListenerRuntime;
+use crate::tls::HandshakeFailure;
+use crate::upstream::{self, Upstream, UpstreamError};
+
+/// A client stream whatever its type, for the one place that writes an owed reply.
+trait ClientWrite: AsyncWrite + Unpin + Send {}
+impl<T: AsyncWrite + Unpin + Send> ClientWrite for T {}
+
+/// One client connection in some phase, over the stream `S` of that phase.
+pub struct Session<S> {
+    pub(super) io: S,
+    pub(super) facts: Facts,
+}
+
+/// The reply a session still owes its client when it ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Owed {
+    /// These exact bytes (ours, or the MTA's own 5xx greeting).
+    Reply(Vec<u8>),
+    /// `421 4.3.0 <hostname> Service not available`: the sender retries.
+    Unavailable,
+}
+
+/// How a session ended: the outcome for its report and the reply still owed, if any.
+#[derive(Debug)]
+pub struct Ended {
+    pub outcome: Outcome,
+    pub owed: Option<Owed>,
+}
+
+impl Ended {
+    pub fn silent(outcome: Outcome) -> Ended {
+        Ended {
+            outcome,
+            owed: None,
+        }
+    }
+
+    pub fn replying(outcome: Outcome, reply: Vec<u8>) -> Ended {
+        Ended {
+            outcome,
+            owed: Some(Owed::Reply(reply)),
+        }
+    }
+}
+
+/// The one tail for "the upstream failed": a 4xx (or the MTA's own 5xx refusal) is owed.
+impl From<UpstreamError> for Ended {
+    fn from(e: UpstreamError) -> Ended {
+        let owed = match &e {
+            UpstreamError::Refused(greeting) => Owed::Reply(greeting.clone()),
+            _ => Owed::Unavailable,
+        };
+        Ended {
+            outcome: Outcome::UpstreamFailed(e.to_string()),
+            owed: Some(owed),
+        }
+    }
+}
+
+/// A session that has ended: its facts, how, and its stream while a reply is owed. Boxed:
+/// it travels as the `Err` of every phase, which stays a pointer wide.
+pub struct Finished(Box<Ending>);
+
+struct Ending {
+    facts: Facts,
+    ended: Ended,
+    io: Option<Box<dyn ClientWrite>>,
+}
+
+impl Finished {
+    fn new(facts: Facts, ended: Ended, io: Option<Box<dyn ClientWrite>>) -> Finished {
+        Finished(Box::new(Ending { facts, ended, io }))
+    }
+
+    /// Writes the owed reply (bounded), closes the client stream, and gives the report.
+    pub async fn close(self) -> SessionReport {
+        let Ending { facts, ended, io } = *self.0;
+        if let (Some(mut io), Some(owed)) = (io, &ended.owed) {
+            let bytes = match owed {
+                Owed::Reply(r) => r.clone(),
+                Owed::Unavailable => reply::upstream_unavailable(&facts.listener.config.hostname),
+            };
+            if write_reply(&mut io, &bytes).await.is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+            }
+        }
+        SessionReport {
+            facts,
+            outcome: ended.outcome,
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
+    pub fn new(io: S, facts: Facts) -> Session<S> {
+        Session { io, facts }
+    }
+
+    pub fn listener(&self) -> &Arc<ListenerRuntime> {
+        &self.facts.listener
+    }
+
+    /// Ends here; the stream is kept for the owed reply, if there is one.
+    pub fn end(self, ended: Ended) -> Finished {
+        let io: Option<Box<dyn ClientWrite>> = match ended.owed {
+            Some(_) => Some(Box::new(self.io)),
+            None => None,
+        };
+        Finished::new(self.facts, ended, io)
+    }
+
+    /// From a trusted load balancer, the inbound PROXY header (its client is the session's
+    /// from now on); from anyone else, nothing is read. What followed the header in the
+    /// same read is replayed first.
+    pub async fn read_proxy_header(mut self) -> Result<Session<Prefixed<S>>, Finished> {
+        let cfg = &self.facts.listener.config;
+        let mut rest = Vec::new();
+        if trusted_balancer(&cfg.accept_proxy_protocol, self.facts.peer.client.ip()) {
+            match inbound::read(&mut self.io, cfg.limits.handshake_timeout).await {
+                Ok((carried, after)) => {
+                    if let Some((client, local)) = carried {
+                        self.facts.via = Some(self.facts.peer.client);
+                        self.facts.peer = super::Peer { client, local };
+                        tracing::Span::current().record("client", tracing::field::display(client));
+                    }
+                    rest = after;
+                }
+                Err(e) => {
+                    return Err(self.end(Ended::silent(Outcome::ProtocolError(e.to_string()))));
+                }
+            }
+        }
+        Ok(Session {
+            io: Prefixed::new(self.io, rest),
+            facts: self.facts,
+        })
+    }
+
+    /// The per-IP slot of the real client address; over `limits.per_ip`, `421 4.7.0` on
+    /// STARTTLS listeners and a bare close on implicit ones.
+    pub fn admit(self, per_ip: &Arc<PerIp>) -> Result<(Session<S>, IpSlot), Finished> {
+        let l = &self.facts.listener.config;
+        match per_ip.try_acquire(self.facts.peer.client.ip(), l.limits.per_ip) {
+            Some(slot) => Ok((self, slot)),
+            None => {
+                let outcome = Outcome::Limit(LimitKind::PerIp);
+                let ended = match l.mode {
+                    crate::config::Mode::Starttls => {
+                        Ended::replying(outcome, reply::too_many_connections(&l.hostname))
+                    }
+                    crate::config::Mode::Implicit => Ended::silent(outcome),
+                };
+                Err(self.end(ended))
+            }
+        }
+    }
+
+    /// The server handshake under `handshake_timeout`; the TLS facts join the session's.
+    pub async fn into_tls(self, transport: Transport) -> Result<Session<TlsStream<S>>, Finished> {
+        let Session { io, mut facts } = self;
+        let l = facts.listener.clone();
+        let result = crate::tls::accept(io, &l.tls, l.config.limits.handshake_timeout).await;
+        let (stream, tls) = match result {
+            Ok(ok) => ok,
+            Err(f) => {
+                crate::metrics::metrics().handshake(&l.config.name, Some(f.class()));
+                let outcome = match f {
+                    HandshakeFailure::Timeout => Outcome::Timeout(Phase::Handshake),
+                    f @ HandshakeFailure::AcmeChallenge(_) => Outcome::AcmeChallenge(f.to_string()),
+                    f => Outcome::HandshakeFailed(f.to_string()),
+                };
+                return Err(Finished::new(facts, Ended::silent(outcome), None));
+            }
+        };
+        l.counters.handshake_ok(
+            tls.fallback,
+            tls.client_cert.as_ref().map(|c| c.verify.class()),
+        );
+        facts.transport = transport;
+        facts.tls = Some(tls);
+        Ok(Session { io: stream, facts })
+    }
+
+    /// Reads the client's next bytes (at most `max`) within `command_timeout`; a timeout
+    /// owes `421 4.4.2`, a close ends the session as the client's.
+    pub async fn first_command(mut self, max: usize) -> Result<(Session<S>, Vec<u8>), Finished> {
+        let cfg = &self.facts.listener.config;
+        let (timeout, hostname) = (cfg.limits.command_timeout, cfg.hostname.clone());
+        let mut first = vec![0u8; max];
+        match tokio::time::timeout(timeout, self.io.read(&mut first)).await {
+            Err(_) => Err(self.end(Ended::replying(
+                Outcome::Timeout(Phase::Command),
+                reply::command_timeout(&hostname),
+            ))),
+            Ok(Ok(0)) | Ok(Err(_)) => Err(self.end(Ended::silent(Outcome::ClientClosed))),
+            Ok(Ok(n)) => {
+                first.truncate(n);
+                self.facts.bytes_from_client += n as u64;
+                Ok((self, first))
+            }
+        }
+    }
+
+    /// Connects the upstream with this session's PROXY header (greeting read, not sent).
+    pub async fn connect(self) -> Result<(Session<S>, Upstream), Finished> {
+        let header = self.facts.proxy_header();
+        match upstream::connect(&self.facts.listener.upstream, &header).await {
+            Ok(up) => {
+                let mut s = self;
+                s.facts.upstream_addr = Some(up.addr);
+                Ok((s, up))
+            }
+            Err(e) => Err(self.end(e.into())),
+        }
+    }
+
+    /// Relays until the end; `pending` is client input already read.
+    pub async fn relay(
+        mut self,
+        mut up: Upstream,
+        mut smtp: SmtpStream,
+        pending: Vec<u8>,
+    ) -> Finished {
+        let cfg = &self.facts.listener.config;
+        let (idle, hostname) = (cfg.limits.idle_timeout, cfg.hostname.clone());
+        let r = relay::relay(
+            &mut self.io,
+            &mut up.stream,
+            idle,
+            &mut smtp,
+            pending,
+            &hostname,
+        )
+        .await;
+        let f = &mut self.facts;
+        f.bytes_from_client += r.bytes_from_client;
+        f.bytes_from_upstream += r.bytes_from_upstream;
+        f.client_close = r.client_close;
+        let outcome = match r.end {
+            RelayEnd::Closed => Outcome::Relayed,
+            RelayEnd::IdleTimeout => Outcome::Timeout(Phase::Idle),
+            RelayEnd::Reset => Outcome::Reset,
+            RelayEnd::UpstreamProtocol(e) => Outcome::UpstreamFailed(e),
+        };
+        // Nothing is owed: the relay wrote whatever the client had to hear.
+        Finished::new(self.facts, Ended::silent(outcome), None)
+    }
+}
