@@ -4,40 +4,58 @@
 //! sender / MUA ──TLS──▶ smtp-tls-proxy ──PROXY v2 + plaintext──▶ MTA (Postfix :10025)
 //! ```
 //!
-//! # Layout
+//! # Map
+//! Every module, one line each (`tests/architecture.rs` fails when one is missing here).
 //! - `main.rs` — CLI (`run` | `check`), exit codes 0/1/2; calls into the lib only.
 //! - [`config`] — proxy.yaml + `SMTP_TLS_PROXY_*` env via figment; `file` is the serde
 //!   mirror, `validate` the cross-checks; errors read `file: key.path: reason`.
 //! - [`snapshot`] — validated config + what is built from it (certificate store, per-listener
-//!   TLS configs, upstream connectors); the unit of reload.
+//!   TLS configs with their resumption caches, upstream connectors, metric handles, the
+//!   stamps of the files read); the unit of reload.
 //! - [`server`] — binds listeners, signals (SIGHUP reload, SIGTERM drain), reload with a
-//!   listener diff; [`watch`] turns file changes into reloads.
+//!   listener diff; [`watch`] turns file changes into reloads (filtered, debounced, skipped
+//!   when nothing changed).
 //! - [`listener`] — accept loop: takes the global/listener slots ([`limits`]), spawns
 //!   [`session::run`] under a span.
-//! - [`session`] — one connection: `implicit` (handshake -> upstream -> relay); `report`
-//!   is the one summary line per session.
-//! - [`tls`] — `store` (certificates by name), `resolve` (SNI -> certificate, pure),
-//!   `accept` (ClientHello -> decision -> handshake -> facts), `client_auth`, `upstream`.
+//! - [`session`] — one connection as typed phases over any stream: `phases` (inbound PROXY,
+//!   per-IP admission, TLS, upstream, relay), `implicit`, `starttls` (the dialogue and its
+//!   two hand-offs); `report` holds the facts and the one summary line.
+//! - [`smtp`] — pure SMTP, no sockets: `line` (bounded line reader), `dialogue` (pre-TLS
+//!   state machine), `pretls` (the two glued with the hand-off rules), `stream` (the
+//!   follower after the hand-off), `ehlo`, `reply`.
+//! - [`tls`] — `cert` (a served certificate and its leaf facts), `store` (certificates by
+//!   name), `resolve` (SNI -> certificate, pure), `accept` (ClientHello -> decision ->
+//!   handshake -> facts), `client_auth`, `upstream` (re-encryption towards the MTA).
+//! - [`acme`] — tls-alpn-01 certificates, obtained and renewed while running.
 //! - [`proxy_header`] — PROXY v1/v2 towards the MTA, within Postfix's 536-byte limit;
-//!   `inbound` reads it from trusted load balancers; [`io::Prefixed`] replays what followed.
+//!   `inbound` reads it from trusted load balancers; [`io`]`::Prefixed` replays what followed.
 //! - [`upstream`] — connect, header, optional TLS, greeting, all under `connect_timeout`.
 //! - [`relay`] — both directions, half-close, idle timeout, byte counts.
-//! - [`smtp`] — pure SMTP pieces (reply parsing, our replies).
+//! - [`health`] — the upstream probe (PROXY v2 LOCAL, greeting); [`http`] serves
+//!   `/metrics`, `/healthz`, `/readyz`.
+//! - [`metrics`] — the registry; a leaf that imports nothing from the crate.
 //! - [`check`], [`telemetry`].
-//! - `fuzz_checks` (hidden) — the invariants the `fuzz/` targets and `tests/fuzz_corpus.rs` assert.
+//! - `fuzz_checks` (feature `fuzzing` only) — the invariants the `fuzz/` targets and
+//!   `tests/fuzz_corpus.rs` assert.
 //!
 //! # Data flow
 //! ```text
 //! accept -> listener (Arc<ListenerRuntime> from the current snapshot) -> spawn session::run
-//!   implicit: tls::accept (ClientHello -> CertChoice | unrecognized_name) -> TlsFacts
-//!   upstream::connect(PROXY header from TlsFacts) -> greeting -> client
-//!   relay::relay(client, upstream) -> byte counts + end -> SessionReport -> one log line
+//!   read_proxy_header -> admit (per-IP) ->
+//!   implicit: into_tls -> connect (PROXY header from the facts) -> greeting -> relay
+//!   starttls: dialogue -> upgrade:      into_tls -> first command -> connect -> relay
+//!                      -> pass-through: connect -> replay EHLO/HELO -> relay
+//!   -> Finished (owed reply written) -> slots freed -> SessionReport -> one log line
+//! reload: SIGHUP | watch (filtered events, debounce, unchanged stamps skipped)
+//!   -> snapshot::read_config + build (session caches carried over) -> bind new -> swap
+//! health: every health_interval per upstream -> metrics upstream_up, /readyz
 //! ```
 #![forbid(unsafe_code)]
 
 pub mod acme;
 pub mod check;
 pub mod config;
+#[cfg(feature = "fuzzing")]
 #[doc(hidden)]
 pub mod fuzz_checks;
 pub mod health;

@@ -138,7 +138,7 @@ fn is_kubernetes_service_var(rest: &str) -> bool {
 
 /// `load` over YAML text, without environment overrides (the `config` fuzz target and its
 /// corpus test): parsed and validated by the same code, errors name `path` as the file.
-#[doc(hidden)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub fn load_str(path: &Path, yaml: &str) -> Result<Config, ConfigError> {
     let figment = Figment::new().merge(YamlText { path, yaml });
     let parsed: file::FileConfig = figment.extract().map_err(|e| from_figment(path, e))?;
