@@ -18,7 +18,7 @@ use crate::snapshot::{Snapshot, UpstreamRuntime};
 use crate::upstream;
 
 #[derive(Debug, Default)]
-pub struct Health {
+pub(crate) struct Health {
     /// Last probe result per upstream name; absent until the first probe ends.
     states: Mutex<HashMap<String, bool>>,
     probes: Mutex<Vec<JoinHandle<()>>>,
@@ -27,7 +27,7 @@ pub struct Health {
 impl Health {
     /// (Re)starts one probe per upstream of `snapshot`; called at start and after each
     /// successful reload. Known states are kept, removed upstreams forgotten.
-    pub fn sync(self: &Arc<Self>, snapshot: &Snapshot) {
+    pub(crate) fn sync(self: &Arc<Self>, snapshot: &Snapshot) {
         let mut probes = self.probes.lock().unwrap_or_else(PoisonError::into_inner);
         for p in probes.drain(..) {
             p.abort();
@@ -48,7 +48,7 @@ impl Health {
     }
 
     /// Whether at least one upstream of `snapshot` passed its last probe.
-    pub fn any_up(&self, snapshot: &Snapshot) -> bool {
+    pub(crate) fn any_up(&self, snapshot: &Snapshot) -> bool {
         let states = self.states.lock().unwrap_or_else(PoisonError::into_inner);
         snapshot
             .upstreams
@@ -96,7 +96,7 @@ async fn probe_loop(health: Arc<Health>, up: Arc<UpstreamRuntime>) {
 }
 
 /// One probe: greeted by a 2xx, then a polite QUIT.
-pub async fn probe(up: &UpstreamRuntime) -> Result<(), String> {
+pub(crate) async fn probe(up: &UpstreamRuntime) -> Result<(), String> {
     let header = match up.config.proxy_protocol {
         ProxyVersion::V2 => outbound::encode_v2_local(),
         ProxyVersion::V1 => b"PROXY UNKNOWN\r\n".to_vec(),

@@ -23,7 +23,7 @@ use crate::snapshot::Snapshot;
 
 /// What the HTTP endpoints look at.
 #[derive(Debug)]
-pub struct Status {
+pub(crate) struct Status {
     pub current: Arc<ArcSwap<Snapshot>>,
     pub health: Arc<Health>,
     /// True while the listeners are bound and accepting (false from SIGTERM on).
@@ -32,7 +32,7 @@ pub struct Status {
 
 impl Status {
     /// `None` when ready, else why not.
-    pub fn not_ready(&self) -> Option<&'static str> {
+    pub(crate) fn not_ready(&self) -> Option<&'static str> {
         if !self.serving.load(Ordering::Acquire) {
             return Some("not serving (starting or shutting down)");
         }
@@ -46,7 +46,7 @@ impl Status {
 /// Bound on reading a request head: a slow client cannot hold a connection forever.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
-pub async fn serve(listener: TcpListener, status: Arc<Status>, stop: CancellationToken) {
+pub(crate) async fn serve(listener: TcpListener, status: Arc<Status>, stop: CancellationToken) {
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => return,

@@ -8,29 +8,21 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
-
-/// The client connection as sessions see it.
-pub type ClientIo = Prefixed<TcpStream>;
 
 #[derive(Debug)]
-pub struct Prefixed<S> {
+pub(crate) struct Prefixed<S> {
     prefix: Vec<u8>,
     pos: usize,
     inner: S,
 }
 
 impl<S> Prefixed<S> {
-    pub fn new(inner: S, prefix: Vec<u8>) -> Self {
+    pub(crate) fn new(inner: S, prefix: Vec<u8>) -> Self {
         Prefixed {
             prefix,
             pos: 0,
             inner,
         }
-    }
-
-    pub fn get_ref(&self) -> &S {
-        &self.inner
     }
 }
 

@@ -21,7 +21,7 @@ const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// What all accept loops share; lives as long as the process.
 #[derive(Debug)]
-pub struct Shared {
+pub(crate) struct Shared {
     pub current: Arc<ArcSwap<Snapshot>>,
     pub tracker: TaskTracker,
     /// Cancelled by SIGTERM (sessions in the pre-TLS dialogue answer 421 4.3.0).
@@ -34,7 +34,7 @@ pub struct Shared {
 
 /// Accepts until `stop` (SIGTERM, or a reload that removed or moved this listener); the
 /// socket is closed when this returns, sessions already accepted carry on.
-pub async fn serve(
+pub(crate) async fn serve(
     name: String,
     listener: TcpListener,
     shared: Arc<Shared>,

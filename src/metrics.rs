@@ -20,78 +20,78 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ListenerLabel {
+pub(crate) struct ListenerLabel {
     pub listener: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct OutcomeLabels {
+pub(crate) struct OutcomeLabels {
     pub listener: String,
     pub outcome: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HandshakeLabels {
+pub(crate) struct HandshakeLabels {
     pub listener: String,
     pub result: String,
     pub reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ClientCertLabels {
+pub(crate) struct ClientCertLabels {
     pub listener: String,
     pub mode: String,
     pub verify: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TransportLabels {
+pub(crate) struct TransportLabels {
     pub listener: String,
     pub transport: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DirectionLabels {
+pub(crate) struct DirectionLabels {
     pub listener: String,
     pub direction: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct UpstreamLabel {
+pub(crate) struct UpstreamLabel {
     pub upstream: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct UpstreamFailureLabels {
+pub(crate) struct UpstreamFailureLabels {
     pub upstream: String,
     pub reason: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ResultLabel {
+pub(crate) struct ResultLabel {
     pub result: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CertLabels {
+pub(crate) struct CertLabels {
     pub certificate: String,
     pub origin: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct AcmeLabels {
+pub(crate) struct AcmeLabels {
     pub domains: String,
     pub event: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DomainsLabel {
+pub(crate) struct DomainsLabel {
     pub domains: String,
 }
 
 type F<L, M> = Family<L, M>;
 
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     pub connections: F<ListenerLabel, Counter>,
     pub active: F<ListenerLabel, Gauge>,
@@ -215,7 +215,7 @@ impl Metrics {
     }
 
     /// The OpenMetrics text exposition.
-    pub fn encode(&self) -> String {
+    pub(crate) fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
@@ -224,7 +224,7 @@ impl Metrics {
 
     /// Everything the session's summary line says that is also a metric. `transport` is
     /// given for sessions that reached the upstream.
-    pub fn session_ended(
+    pub(crate) fn session_ended(
         &self,
         listener: &str,
         outcome: &'static str,
@@ -271,7 +271,7 @@ impl Metrics {
     }
 
     /// The handles of one listener's counters (created, so they exist at 0).
-    pub fn listener_counters(
+    pub(crate) fn listener_counters(
         &self,
         listener: &str,
         client_cert_mode: &'static str,
@@ -297,7 +297,7 @@ impl Metrics {
         }
     }
 
-    pub fn handshake(&self, listener: &str, failure: Option<&'static str>) {
+    pub(crate) fn handshake(&self, listener: &str, failure: Option<&'static str>) {
         self.handshakes
             .get_or_create(&HandshakeLabels {
                 listener: listener.to_owned(),
@@ -312,7 +312,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn upstream_failure(&self, upstream: &str, reason: &'static str) {
+    pub(crate) fn upstream_failure(&self, upstream: &str, reason: &'static str) {
         self.upstream_failures
             .get_or_create(&UpstreamFailureLabels {
                 upstream: upstream.to_owned(),
@@ -322,7 +322,7 @@ impl Metrics {
     }
 
     /// `result`: `ok` or `failed` (the server's `ReloadResult::as_str`).
-    pub fn reload(&self, result: &'static str) {
+    pub(crate) fn reload(&self, result: &'static str) {
         self.reloads
             .get_or_create(&ResultLabel {
                 result: result.to_owned(),
@@ -331,7 +331,7 @@ impl Metrics {
     }
 
     /// Both reload results exist at 0 from the start, so `increase()` alerts work at once.
-    pub fn reload_results(&self, results: &[&'static str]) {
+    pub(crate) fn reload_results(&self, results: &[&'static str]) {
         for r in results {
             let _ = self.reloads.get_or_create(&ResultLabel {
                 result: (*r).to_owned(),
@@ -341,7 +341,7 @@ impl Metrics {
 
     /// Replaces the expiry gauges with these (certificate, origin, notAfter) rows; removed
     /// certificates disappear.
-    pub fn set_certificate_expiry<'a>(
+    pub(crate) fn set_certificate_expiry<'a>(
         &self,
         rows: impl IntoIterator<Item = (&'a str, &'a str, i64)>,
     ) {
@@ -356,7 +356,7 @@ impl Metrics {
         }
     }
 
-    pub fn upstream_health(&self, upstream: &str, up: bool) {
+    pub(crate) fn upstream_health(&self, upstream: &str, up: bool) {
         self.upstream_up
             .get_or_create(&UpstreamLabel {
                 upstream: upstream.to_owned(),
@@ -365,7 +365,7 @@ impl Metrics {
     }
 
     /// A removed upstream leaves no stale health gauge behind.
-    pub fn forget_upstream(&self, upstream: &str) {
+    pub(crate) fn forget_upstream(&self, upstream: &str) {
         self.upstream_up.remove(&UpstreamLabel {
             upstream: upstream.to_owned(),
         });
@@ -415,7 +415,7 @@ impl ListenerCounters {
 }
 
 /// The process-wide metrics.
-pub fn metrics() -> &'static Metrics {
+pub(crate) fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
     METRICS.get_or_init(Metrics::new)
 }

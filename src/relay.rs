@@ -25,14 +25,14 @@ use tokio::time::Instant;
 use crate::smtp::stream::SmtpStream;
 
 /// The per-thread read scratch: one TLS record's plaintext.
-pub const RELAY_BUFFER: usize = 16 * 1024;
+pub(crate) const RELAY_BUFFER: usize = 16 * 1024;
 
 /// Without traffic for this long, a session gives its buffers back.
-pub const RELEASE_AFTER: Duration = Duration::from_secs(1);
+pub(crate) const RELEASE_AFTER: Duration = Duration::from_secs(1);
 
 /// After the upstream has closed (e.g. after its 221), how long the client may take to
 /// close its side before the session ends anyway.
-pub const UPSTREAM_CLOSED_LINGER: Duration = Duration::from_secs(2);
+pub(crate) const UPSTREAM_CLOSED_LINGER: Duration = Duration::from_secs(2);
 
 thread_local! {
     static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; RELAY_BUFFER].into_boxed_slice());
@@ -75,7 +75,7 @@ impl<R: AsyncRead + AsyncWrite + Unpin> Future for ReadInto<'_, R> {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct RelayReport {
+pub(crate) struct RelayReport {
     pub bytes_from_client: u64,
     pub bytes_from_upstream: u64,
     pub end: RelayEnd,
@@ -85,7 +85,7 @@ pub struct RelayReport {
 
 /// How the client ended its side of the relay (the `client_close` log field).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ClientClose {
+pub(crate) enum ClientClose {
     /// A clean end of stream: TLS close_notify, or FIN in plaintext.
     Clean,
     /// TLS cut without close_notify (a truncation, catalogue TL-11).
@@ -93,7 +93,7 @@ pub enum ClientClose {
 }
 
 impl ClientClose {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             ClientClose::Clean => "clean",
             ClientClose::Truncated => "truncated",
@@ -103,7 +103,7 @@ impl ClientClose {
 
 /// How the relay ended.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub enum RelayEnd {
+pub(crate) enum RelayEnd {
     /// Both sides closed (a client leaving without TLS close_notify counts as closed).
     #[default]
     Closed,
@@ -116,7 +116,7 @@ pub enum RelayEnd {
 
 /// Relays until both sides are done, an error, or `idle` without a byte either way.
 /// `pending` holds client bytes already read but not yet processed.
-pub async fn relay<C, U>(
+pub(crate) async fn relay<C, U>(
     client: &mut C,
     upstream: &mut U,
     idle: Duration,

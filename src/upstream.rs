@@ -16,10 +16,10 @@ use crate::snapshot::UpstreamRuntime;
 
 /// The stream towards the MTA: plain TCP or TLS over it.
 /// The TLS side is boxed: it is large (a rustls connection), the plain side is not.
-pub type UpstreamStream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
+pub(crate) type UpstreamStream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
 /// A connected upstream that has greeted.
-pub struct Upstream {
+pub(crate) struct Upstream {
     pub stream: UpstreamStream,
     /// The greeting reply as received, plus anything that followed it in the same read.
     pub greeting: Vec<u8>,
@@ -33,7 +33,7 @@ pub struct Upstream {
 /// only `Refused` (a 5xx greeting: the MTA's own policy, e.g. a blocklisted client) is
 /// passed on as the MTA's permanent reply (catalogue HO-3).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum UpstreamError {
+pub(crate) enum UpstreamError {
     Resolve(String),
     Connect(String),
     Timeout(&'static str),
@@ -45,7 +45,7 @@ pub enum UpstreamError {
 
 impl UpstreamError {
     /// Bounded name for the metric's `reason` label.
-    pub fn class(&self) -> &'static str {
+    pub(crate) fn class(&self) -> &'static str {
         match self {
             UpstreamError::Resolve(_) => "resolve",
             UpstreamError::Connect(_) => "connect",
@@ -53,15 +53,6 @@ impl UpstreamError {
             UpstreamError::Tls(_) => "tls",
             UpstreamError::Greeting(_) => "greeting",
             UpstreamError::Refused(_) => "refused",
-        }
-    }
-
-    /// The reply the client gets: temporary, so the sender retries, except the MTA's own
-    /// 5xx refusal, which stays permanent.
-    pub fn reply(&self, hostname: &str) -> Vec<u8> {
-        match self {
-            UpstreamError::Refused(greeting) => greeting.clone(),
-            _ => reply::upstream_unavailable(hostname),
         }
     }
 }
@@ -83,7 +74,10 @@ impl fmt::Display for UpstreamError {
 
 /// Connects, writes `header` (may be empty) in one write, does TLS if configured and reads
 /// the greeting. Consumes nothing from the client. Counted in the upstream metrics.
-pub async fn connect(up: &UpstreamRuntime, header: &[u8]) -> Result<Upstream, UpstreamError> {
+pub(crate) async fn connect(
+    up: &UpstreamRuntime,
+    header: &[u8],
+) -> Result<Upstream, UpstreamError> {
     let started = std::time::Instant::now();
     let result = connect_uncounted(up, header).await;
     let m = crate::metrics::metrics();
@@ -100,7 +94,7 @@ pub async fn connect(up: &UpstreamRuntime, header: &[u8]) -> Result<Upstream, Up
 }
 
 /// `connect` without metrics: the health probe's own attempts are not client traffic.
-pub async fn connect_uncounted(
+pub(crate) async fn connect_uncounted(
     up: &UpstreamRuntime,
     header: &[u8],
 ) -> Result<Upstream, UpstreamError> {

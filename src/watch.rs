@@ -37,7 +37,7 @@ const DEBOUNCE: Duration = Duration::from_millis(400);
 /// A burst that never goes quiet still reloads after this long.
 const MAX_DELAY: Duration = Duration::from_secs(2);
 
-pub struct FileWatcher {
+pub(crate) struct FileWatcher {
     watcher: RecommendedWatcher,
     dirs: HashSet<PathBuf>,
     files: Arc<Mutex<HashSet<PathBuf>>>,
@@ -52,7 +52,7 @@ impl Drop for FileWatcher {
 
 impl FileWatcher {
     /// Starts the watcher; each relevant burst sends one `()`. Needs a tokio runtime.
-    pub fn start(tx: UnboundedSender<()>) -> notify::Result<FileWatcher> {
+    pub(crate) fn start(tx: UnboundedSender<()>) -> notify::Result<FileWatcher> {
         let files: Arc<Mutex<HashSet<PathBuf>>> = Arc::default();
         let ours = files.clone();
         // A flag, not a queue: an event storm cannot grow memory.
@@ -95,7 +95,7 @@ impl FileWatcher {
     }
 
     /// Watches exactly the directories of `files` from now on.
-    pub fn watch(&mut self, files: HashSet<PathBuf>) {
+    pub(crate) fn watch(&mut self, files: HashSet<PathBuf>) {
         let dirs: HashSet<PathBuf> = files
             .iter()
             .filter_map(|f| f.parent().map(Path::to_path_buf))
@@ -140,7 +140,7 @@ fn relevant(files: &HashSet<PathBuf>, path: &Path) -> bool {
 pub struct FileStamps(BTreeMap<PathBuf, Option<Stamp>>);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Stamp {
+pub(crate) struct Stamp {
     dev: u64,
     ino: u64,
     size: u64,
@@ -192,7 +192,7 @@ impl FileStamps {
 }
 
 /// Every file the configuration reads, as absolute paths.
-pub fn files_of(config: &Config) -> HashSet<PathBuf> {
+pub(crate) fn files_of(config: &Config) -> HashSet<PathBuf> {
     let mut files = vec![config.path.clone()];
     for c in &config.certificates {
         match c {

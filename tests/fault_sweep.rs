@@ -145,22 +145,20 @@ listeners:
     /// No task or descriptor left: the descriptor count back at its baseline and no
     /// session counted as active (bounded wait: sessions may still be closing).
     async fn settle(&self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
+        eventually(Duration::from_secs(5), "settled", || async {
             let fds = self.proxy.fd_count();
             let active = Scrape::get(self.metrics)
                 .await
                 .value("smtp_proxy_connections_active", &[]);
             if fds == self.baseline && active == 0.0 {
-                return;
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "not settled: {fds} descriptors (baseline {}), {active} sessions active",
+            Err(format!(
+                "{fds} descriptors (baseline {}), {active} sessions active",
                 self.baseline
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            ))
+        })
+        .await
     }
 
     async fn scrape(&self) -> Scrape {
@@ -1158,14 +1156,17 @@ async fn tls12_renegotiation_attempt_is_refused_and_the_proxy_keeps_serving() {
     let wait_out = |needle: &'static str| {
         let out = out.clone();
         async move {
-            let deadline = Instant::now() + IO_TIMEOUT;
-            while !out.lock().unwrap().iter().any(|l| l.contains(needle)) {
-                assert!(
-                    Instant::now() < deadline,
-                    "s_client never printed {needle:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            eventually(
+                IO_TIMEOUT,
+                &format!("s_client printed {needle:?}"),
+                || async {
+                    match out.lock().unwrap().iter().any(|l| l.contains(needle)) {
+                        true => Ok(()),
+                        false => Err(String::new()),
+                    }
+                },
+            )
+            .await
         }
     };
     wait_out("220 fault.mta ESMTP").await;

@@ -5,8 +5,6 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
 use common::postfix::{Postfix, PostfixOptions};
 use common::*;
 use serde_json::Value;
@@ -298,15 +296,16 @@ async fn every_outcome_has_its_summary_line_and_moves_its_metrics() {
     );
 
     // Active sessions return to zero once every session has ended (the holder was dropped).
-    let deadline = Instant::now() + IO_TIMEOUT;
-    loop {
-        let now = Scrape::get(metrics).await;
-        if now.value("smtp_proxy_connections_active", &[]) == 0.0 {
-            break;
+    eventually(IO_TIMEOUT, "no session active", || async {
+        match Scrape::get(metrics)
+            .await
+            .value("smtp_proxy_connections_active", &[])
+        {
+            0.0 => Ok(()),
+            n => Err(format!("{n} active")),
         }
-        assert!(Instant::now() < deadline, "sessions still active");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await;
 
     // Reloads by result.
     proxy.signal("HUP");
@@ -340,15 +339,13 @@ listeners:
     ));
     let http = proxy.metrics_addr();
     let wait_for = |want: u16| async move {
-        let deadline = Instant::now() + IO_TIMEOUT;
-        loop {
-            let (code, body) = http_get(http, "/readyz").await;
-            if code == want {
-                return body;
+        eventually(IO_TIMEOUT, &format!("/readyz answers {want}"), || async {
+            match http_get(http, "/readyz").await {
+                (code, body) if code == want => Ok(body),
+                (code, body) => Err(format!("{code}: {body}")),
             }
-            assert!(Instant::now() < deadline, "/readyz stayed {code}: {body}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     };
     assert_eq!(http_get(http, "/healthz").await, (200, "ok\n".to_owned()));
     wait_for(200).await;

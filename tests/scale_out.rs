@@ -107,15 +107,14 @@ impl Haproxy {
 
     /// Waits (bounded) until HAProxy's health check reports `name` as `want`.
     async fn wait_status(&self, name: &str, want: &str) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            let now = self.status(name);
-            if now.as_deref().is_some_and(|s| s.starts_with(want)) {
-                return;
+        let what = format!("HAProxy reports {name} {want}");
+        eventually(Duration::from_secs(20), &what, || async {
+            match self.status(name) {
+                Some(s) if s.starts_with(want) => Ok(()),
+                other => Err(format!("{other:?}")),
             }
-            assert!(Instant::now() < deadline, "{name} is {now:?}, not {want}");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await
     }
 }
 

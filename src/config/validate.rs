@@ -82,8 +82,9 @@ pub struct AcmeSpec {
     pub cache: PathBuf,
 }
 
-pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
-pub const LETS_ENCRYPT_STAGING: &str = "https://acme-staging-v02.api.letsencrypt.org/directory";
+pub(super) const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+pub(super) const LETS_ENCRYPT_STAGING: &str =
+    "https://acme-staging-v02.api.letsencrypt.org/directory";
 
 #[derive(Debug, Clone)]
 pub struct ListenerConfig {
@@ -388,7 +389,7 @@ fn tracing_level_is_valid(level: &str) -> Result<(), String> {
 }
 
 /// A host name as certificates name it: LDH labels, optionally a leading `*.` wildcard.
-pub fn is_dns_name(name: &str) -> bool {
+pub(super) fn is_dns_name(name: &str) -> bool {
     let name = name.strip_prefix("*.").unwrap_or(name);
     !name.is_empty()
         && name.len() <= 253

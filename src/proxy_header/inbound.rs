@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// v2 allows 16 + 65535 bytes; load balancers send a few dozen. Anything bigger is refused
 /// rather than buffered.
-pub const MAX_INBOUND_HEADER: usize = 4096;
+pub(crate) const MAX_INBOUND_HEADER: usize = 4096;
 /// A v1 line with its CRLF is at most 107 bytes (the PROXY specification §2.1).
 const V1_MAX_LINE: usize = 107;
 const V1_PREFIX: &[u8] = b"PROXY ";
@@ -21,11 +21,11 @@ const V2_FIXED: usize = 16;
 
 /// The addresses a header carries; `None` for v2 LOCAL, v1 UNKNOWN and non-IP families
 /// (the connection's own addresses apply, as the PROXY specification says).
-pub type Carried = Option<(SocketAddr, SocketAddr)>;
+pub(crate) type Carried = Option<(SocketAddr, SocketAddr)>;
 
 /// What a buffer holds so far.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Parsed {
+pub(crate) enum Parsed {
     Incomplete,
     /// A whole header of `len` bytes.
     Done {
@@ -36,7 +36,7 @@ pub enum Parsed {
 }
 
 /// Parses the start of `buf`. Pure: the fuzz target and the tests drive it directly.
-pub fn parse(buf: &[u8]) -> Parsed {
+pub(crate) fn parse(buf: &[u8]) -> Parsed {
     let n = buf.len().min(V2_SIGNATURE.len());
     let maybe_v2 = buf[..n] == V2_SIGNATURE[..n];
     let m = buf.len().min(V1_PREFIX.len());
@@ -176,7 +176,7 @@ fn check_v2(h: &v2::Header<'_>) -> Result<(), String> {
 
 /// Why no header could be read.
 #[derive(Debug, thiserror::Error)]
-pub enum InboundError {
+pub(crate) enum InboundError {
     #[error("timeout waiting for the PROXY header")]
     Timeout,
     #[error("closed before a complete PROXY header")]
@@ -189,7 +189,7 @@ pub enum InboundError {
 
 /// Reads one header within `limit`. Returns the carried addresses and the bytes that
 /// followed the header in what was read.
-pub async fn read<R: AsyncRead + Unpin>(
+pub(crate) async fn read<R: AsyncRead + Unpin>(
     r: &mut R,
     limit: Duration,
 ) -> Result<(Carried, Vec<u8>), InboundError> {

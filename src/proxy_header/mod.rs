@@ -1,5 +1,5 @@
 //! PROXY protocol: the header written towards the upstream (`outbound`) and the one read
 //! from trusted load balancers (`inbound`).
 
-pub mod inbound;
-pub mod outbound;
+pub(crate) mod inbound;
+pub(crate) mod outbound;

@@ -9,12 +9,12 @@
 use std::net::{IpAddr, SocketAddr};
 
 /// Postfix `HAPROXY_HEADER_MAX_LEN`.
-pub const MAX_HEADER_LEN: usize = 536;
+pub(crate) const MAX_HEADER_LEN: usize = 536;
 /// X.520 ub-common-name: longer CNs are cut to this many bytes.
-pub const MAX_CN_LEN: usize = 64;
+pub(crate) const MAX_CN_LEN: usize = 64;
 /// A DNS name is at most 253 bytes, and HAProxy refuses a longer AUTHORITY than 255: a longer
 /// SNI is no host name and is left out rather than cut.
-pub const MAX_AUTHORITY_LEN: usize = 255;
+pub(crate) const MAX_AUTHORITY_LEN: usize = 255;
 
 const SIGNATURE: [u8; 12] = [
     0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
@@ -30,7 +30,7 @@ const PP2_SUBTYPE_SSL_CIPHER: u8 = 0x23;
 const PP2_SUBTYPE_SSL_SIG_ALG: u8 = 0x24;
 const PP2_SUBTYPE_SSL_KEY_ALG: u8 = 0x25;
 /// Custom sub-TLV (custom range 0xE0-0xEF): SHA-256 of the client certificate, 32 raw bytes.
-pub const PP2_SUBTYPE_SSL_CLIENT_SHA256: u8 = 0xE0;
+pub(crate) const PP2_SUBTYPE_SSL_CLIENT_SHA256: u8 = 0xE0;
 const PP2_CLIENT_SSL: u8 = 0x01;
 const PP2_CLIENT_CERT_CONN: u8 = 0x02;
 const PP2_CLIENT_CERT_SESS: u8 = 0x04;
@@ -38,7 +38,7 @@ const TLV_HEADER_LEN: usize = 3;
 
 /// The TLS facts that travel in the v2 header.
 #[derive(Debug, Clone, Default)]
-pub struct TlsHeaderFacts<'a> {
+pub(crate) struct TlsHeaderFacts<'a> {
     pub sni: Option<&'a str>,
     pub alpn: Option<&'a [u8]>,
     pub version: &'a str,
@@ -50,14 +50,14 @@ pub struct TlsHeaderFacts<'a> {
 
 /// A presented client certificate; `verified` is true only when it chains to `client_ca`.
 #[derive(Debug, Clone)]
-pub struct ClientCertHeader<'a> {
+pub(crate) struct ClientCertHeader<'a> {
     pub cn: Option<&'a str>,
     pub sha256: &'a [u8; 32],
     pub verified: bool,
 }
 
 /// `PROXY TCP4|TCP6 src dst sport dport\r\n`; mixed families are written as TCP6.
-pub fn encode_v1(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
+pub(crate) fn encode_v1(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
     let (c, l) = same_family(client, local);
     let proto = if c.is_ipv4() { "TCP4" } else { "TCP6" };
     format!(
@@ -71,7 +71,7 @@ pub fn encode_v1(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
 }
 
 /// v2 `LOCAL` with no address (health probes: the MTA uses the real peer address).
-pub fn encode_v2_local() -> Vec<u8> {
+pub(crate) fn encode_v2_local() -> Vec<u8> {
     let mut out = SIGNATURE.to_vec();
     out.extend_from_slice(&[0x20, 0x00, 0x00, 0x00]);
     out
@@ -79,7 +79,7 @@ pub fn encode_v2_local() -> Vec<u8> {
 
 /// v2 `PROXY` over TCP with UNIQUE_ID and, for TLS sessions, ALPN, AUTHORITY and SSL TLVs.
 /// Never longer than `MAX_HEADER_LEN`.
-pub fn encode_v2(
+pub(crate) fn encode_v2(
     client: SocketAddr,
     local: SocketAddr,
     session_id: &str,
@@ -237,7 +237,7 @@ fn same_family(client: SocketAddr, local: SocketAddr) -> (SocketAddr, SocketAddr
 }
 
 /// CRC32C (Castagnoli, reflected 0x82F63B78), bitwise: the header is at most 536 bytes.
-pub fn crc32c(data: &[u8]) -> u32 {
+pub(crate) fn crc32c(data: &[u8]) -> u32 {
     let mut crc = !0u32;
     for &b in data {
         crc ^= u32::from(b);

@@ -17,7 +17,7 @@
 
 mod implicit;
 mod phases;
-pub mod report;
+pub(crate) mod report;
 mod starttls;
 #[cfg(test)]
 mod tests;
@@ -35,21 +35,21 @@ use crate::config::Mode;
 use crate::limits::{IpSlot, PerIp, Slot};
 use crate::smtp::reply;
 use crate::snapshot::ListenerRuntime;
-pub use phases::{Ended, Finished, Owed, Session};
-pub use report::{Facts, LimitKind, Outcome, Phase, SessionReport, Transport};
+pub(crate) use phases::{Ended, Finished, Owed, Session};
+pub(crate) use report::{Facts, LimitKind, Outcome, SessionReport};
 
 /// Bound on writing one reply of ours to a client that does not read.
 const REPLY_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where the client came from and which local address it reached.
 #[derive(Debug, Clone, Copy)]
-pub struct Peer {
+pub(crate) struct Peer {
     pub client: SocketAddr,
     pub local: SocketAddr,
 }
 
 /// What the accept loop hands to a session task.
-pub struct Accepted {
+pub(crate) struct Accepted {
     pub tcp: TcpStream,
     /// The socket's addresses (before any inbound PROXY header).
     pub peer: Peer,
@@ -64,7 +64,7 @@ pub struct Accepted {
 }
 
 /// Runs a session to its end and emits its summary line.
-pub async fn run(a: Accepted) {
+pub(crate) async fn run(a: Accepted) {
     let _ = a.tcp.set_nodelay(true);
     let active = Active::start(a.listener.counters.active());
     let report = serve(
@@ -84,7 +84,7 @@ pub async fn run(a: Accepted) {
 
 /// A session over any stream, from its first byte to its report (not emitted): the phases
 /// chained, the owed reply written, the stream and the per-IP slot released.
-pub async fn serve<S>(
+pub(crate) async fn serve<S>(
     io: S,
     listener: Arc<ListenerRuntime>,
     peer: Peer,
@@ -133,7 +133,7 @@ fn trusted_balancer(cidrs: &[IpNet], ip: IpAddr) -> bool {
 /// Refuses a connection over a limit at accept, before a session exists: `421 4.7.0` on
 /// STARTTLS listeners (written without waiting: a fresh socket's send buffer has room), a
 /// bare close on implicit ones; then the summary line.
-pub fn refuse_at_accept(
+pub(crate) fn refuse_at_accept(
     tcp: TcpStream,
     listener: Arc<ListenerRuntime>,
     peer: Peer,
@@ -152,7 +152,7 @@ pub fn refuse_at_accept(
 }
 
 /// Writes one reply of ours, bounded in time; a client that does not read is not our problem.
-pub async fn write_reply<W: AsyncWrite + Unpin + ?Sized>(
+pub(crate) async fn write_reply<W: AsyncWrite + Unpin + ?Sized>(
     w: &mut W,
     reply: &[u8],
 ) -> std::io::Result<()> {
@@ -187,7 +187,7 @@ impl Drop for Active {
 }
 
 /// A short random session id: 16 hex digits, also sent as PROXY v2 UNIQUE_ID.
-pub fn new_session_id() -> String {
+pub(crate) fn new_session_id() -> String {
     let mut bytes = [0u8; 8];
     if aws_lc_rs::rand::fill(&mut bytes).is_err() {
         // The system RNG failing is not a reason to refuse mail; a clock-based id is unique enough.

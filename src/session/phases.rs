@@ -25,14 +25,14 @@ trait ClientWrite: AsyncWrite + Unpin + Send {}
 impl<T: AsyncWrite + Unpin + Send> ClientWrite for T {}
 
 /// One client connection in some phase, over the stream `S` of that phase.
-pub struct Session<S> {
+pub(crate) struct Session<S> {
     pub(super) io: S,
     pub(super) facts: Facts,
 }
 
 /// The reply a session still owes its client when it ends.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Owed {
+pub(crate) enum Owed {
     /// These exact bytes (ours, or the MTA's own 5xx greeting).
     Reply(Vec<u8>),
     /// `421 4.3.0 <hostname> Service not available`: the sender retries.
@@ -41,20 +41,20 @@ pub enum Owed {
 
 /// How a session ended: the outcome for its report and the reply still owed, if any.
 #[derive(Debug)]
-pub struct Ended {
+pub(crate) struct Ended {
     pub outcome: Outcome,
     pub owed: Option<Owed>,
 }
 
 impl Ended {
-    pub fn silent(outcome: Outcome) -> Ended {
+    pub(crate) fn silent(outcome: Outcome) -> Ended {
         Ended {
             outcome,
             owed: None,
         }
     }
 
-    pub fn replying(outcome: Outcome, reply: Vec<u8>) -> Ended {
+    pub(crate) fn replying(outcome: Outcome, reply: Vec<u8>) -> Ended {
         Ended {
             outcome,
             owed: Some(Owed::Reply(reply)),
@@ -78,7 +78,7 @@ impl From<UpstreamError> for Ended {
 
 /// A session that has ended: its facts, how, and its stream while a reply is owed. Boxed:
 /// it travels as the `Err` of every phase, which stays a pointer wide.
-pub struct Finished(Box<Ending>);
+pub(crate) struct Finished(Box<Ending>);
 
 struct Ending {
     facts: Facts,
@@ -92,7 +92,7 @@ impl Finished {
     }
 
     /// Writes the owed reply (bounded), closes the client stream, and gives the report.
-    pub async fn close(self) -> SessionReport {
+    pub(crate) async fn close(self) -> SessionReport {
         let Ending { facts, ended, io } = *self.0;
         if let (Some(mut io), Some(owed)) = (io, &ended.owed) {
             let bytes = match owed {
@@ -111,16 +111,16 @@ impl Finished {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
-    pub fn new(io: S, facts: Facts) -> Session<S> {
+    pub(crate) fn new(io: S, facts: Facts) -> Session<S> {
         Session { io, facts }
     }
 
-    pub fn listener(&self) -> &Arc<ListenerRuntime> {
+    pub(crate) fn listener(&self) -> &Arc<ListenerRuntime> {
         &self.facts.listener
     }
 
     /// Ends here; the stream is kept for the owed reply, if there is one.
-    pub fn end(self, ended: Ended) -> Finished {
+    pub(crate) fn end(self, ended: Ended) -> Finished {
         let io: Option<Box<dyn ClientWrite>> = match ended.owed {
             Some(_) => Some(Box::new(self.io)),
             None => None,
@@ -131,7 +131,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     /// From a trusted load balancer, the inbound PROXY header (its client is the session's
     /// from now on); from anyone else, nothing is read. What followed the header in the
     /// same read is replayed first.
-    pub async fn read_proxy_header(mut self) -> Result<Session<Prefixed<S>>, Finished> {
+    pub(crate) async fn read_proxy_header(mut self) -> Result<Session<Prefixed<S>>, Finished> {
         let cfg = &self.facts.listener.config;
         let mut rest = Vec::new();
         if trusted_balancer(&cfg.accept_proxy_protocol, self.facts.peer.client.ip()) {
@@ -157,7 +157,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
 
     /// The per-IP slot of the real client address; over `limits.per_ip`, `421 4.7.0` on
     /// STARTTLS listeners and a bare close on implicit ones.
-    pub fn admit(self, per_ip: &Arc<PerIp>) -> Result<(Session<S>, IpSlot), Finished> {
+    pub(crate) fn admit(self, per_ip: &Arc<PerIp>) -> Result<(Session<S>, IpSlot), Finished> {
         let l = &self.facts.listener.config;
         match per_ip.try_acquire(self.facts.peer.client.ip(), l.limits.per_ip) {
             Some(slot) => Ok((self, slot)),
@@ -175,7 +175,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     }
 
     /// The server handshake under `handshake_timeout`; the TLS facts join the session's.
-    pub async fn into_tls(self, transport: Transport) -> Result<Session<TlsStream<S>>, Finished> {
+    pub(crate) async fn into_tls(
+        self,
+        transport: Transport,
+    ) -> Result<Session<TlsStream<S>>, Finished> {
         let Session { io, mut facts } = self;
         let l = facts.listener.clone();
         let result = crate::tls::accept(io, &l.tls, l.config.limits.handshake_timeout).await;
@@ -202,7 +205,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
 
     /// Reads the client's next bytes (at most `max`) within `command_timeout`; a timeout
     /// owes `421 4.4.2`, a close ends the session as the client's.
-    pub async fn first_command(mut self, max: usize) -> Result<(Session<S>, Vec<u8>), Finished> {
+    pub(crate) async fn first_command(
+        mut self,
+        max: usize,
+    ) -> Result<(Session<S>, Vec<u8>), Finished> {
         let cfg = &self.facts.listener.config;
         let (timeout, hostname) = (cfg.limits.command_timeout, cfg.hostname.clone());
         let mut first = vec![0u8; max];
@@ -221,7 +227,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     }
 
     /// Connects the upstream with this session's PROXY header (greeting read, not sent).
-    pub async fn connect(self) -> Result<(Session<S>, Upstream), Finished> {
+    pub(crate) async fn connect(self) -> Result<(Session<S>, Upstream), Finished> {
         let header = self.facts.proxy_header();
         match upstream::connect(&self.facts.listener.upstream, &header).await {
             Ok(up) => {
@@ -234,7 +240,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     }
 
     /// Relays until the end; `pending` is client input already read.
-    pub async fn relay(
+    pub(crate) async fn relay(
         mut self,
         mut up: Upstream,
         mut smtp: SmtpStream,

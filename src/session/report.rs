@@ -9,14 +9,14 @@ use std::time::Instant;
 use super::Peer;
 use crate::config::ProxyVersion;
 use crate::proxy_header::outbound::{self, ClientCertHeader, TlsHeaderFacts};
-pub use crate::relay::ClientClose;
+pub(crate) use crate::relay::ClientClose;
 use crate::snapshot::ListenerRuntime;
 use crate::tls::TlsFacts;
 use crate::tls::client_auth::ClientVerify;
 
 /// How a session ended. `kind()` is the `outcome` field; details go to `reason`.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Relayed to the upstream until both sides closed.
     Relayed,
     /// The client left before the upstream was involved (e.g. QUIT in the dialogue).
@@ -39,7 +39,7 @@ pub enum Outcome {
 
 /// Which wait timed out (the `reason` of `outcome=timeout`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Phase {
+pub(crate) enum Phase {
     /// `handshake_timeout`: the TLS handshake, or an inbound PROXY header.
     Handshake,
     /// `command_timeout`: a command line in the pre-TLS dialogue, or the first after TLS.
@@ -49,7 +49,7 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Phase::Handshake => "handshake",
             Phase::Command => "command",
@@ -60,7 +60,7 @@ impl Phase {
 
 /// Which limit refused a session (the `reason` of `outcome=limit`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LimitKind {
+pub(crate) enum LimitKind {
     /// The process-wide `max_connections`.
     MaxConnections,
     /// The listener's `limits.max_connections`.
@@ -70,7 +70,7 @@ pub enum LimitKind {
 }
 
 impl LimitKind {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             LimitKind::MaxConnections => "max_connections",
             LimitKind::ListenerMaxConnections => "listener_max_connections",
@@ -80,7 +80,7 @@ impl LimitKind {
 }
 
 impl Outcome {
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Outcome::Relayed => "relayed",
             Outcome::ClientClosed => "client_closed",
@@ -95,7 +95,7 @@ impl Outcome {
         }
     }
 
-    pub fn reason(&self) -> &str {
+    pub(crate) fn reason(&self) -> &str {
         match self {
             Outcome::HandshakeFailed(r)
             | Outcome::UpstreamFailed(r)
@@ -121,7 +121,7 @@ impl fmt::Display for Outcome {
 
 /// Which way the session's bytes went: implicit TLS, upgraded by STARTTLS, or plaintext.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Transport {
+pub(crate) enum Transport {
     Implicit,
     Starttls,
     Plaintext,
@@ -130,7 +130,7 @@ pub enum Transport {
 }
 
 impl Transport {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Transport::Implicit => "implicit",
             Transport::Starttls => "starttls",
@@ -143,7 +143,7 @@ impl Transport {
 /// The facts of one session, gathered as its phases run; with the `Outcome` they are the
 /// summary line.
 #[derive(Debug)]
-pub struct Facts {
+pub(crate) struct Facts {
     pub session_id: String,
     pub listener: Arc<ListenerRuntime>,
     /// The real client (after an inbound PROXY header) and the address it reached.
@@ -161,7 +161,7 @@ pub struct Facts {
 }
 
 impl Facts {
-    pub fn new(session_id: String, listener: Arc<ListenerRuntime>, peer: Peer) -> Facts {
+    pub(crate) fn new(session_id: String, listener: Arc<ListenerRuntime>, peer: Peer) -> Facts {
         Facts {
             session_id,
             listener,
@@ -179,7 +179,7 @@ impl Facts {
     }
 
     /// The PROXY header for this session, as the upstream is configured to expect it.
-    pub fn proxy_header(&self) -> Vec<u8> {
+    pub(crate) fn proxy_header(&self) -> Vec<u8> {
         let (client, local) = (self.peer.client, self.peer.local);
         match self.listener.upstream.config.proxy_protocol {
             ProxyVersion::None => Vec::new(),
@@ -206,14 +206,14 @@ impl Facts {
 
 /// The summary line: built once, from the facts and how the session ended.
 #[derive(Debug)]
-pub struct SessionReport {
+pub(crate) struct SessionReport {
     pub facts: Facts,
     pub outcome: Outcome,
 }
 
 impl SessionReport {
     /// The one summary line of the session, and the metrics it feeds.
-    pub fn emit(&self) {
+    pub(crate) fn emit(&self) {
         let f = &self.facts;
         let cfg = &f.listener.config;
         let m = crate::metrics::metrics();

@@ -11,7 +11,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, DuplexS
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::{Outcome, Peer, Phase, SessionReport, serve};
+use super::report::Phase;
+use super::{Outcome, Peer, SessionReport, serve};
 use crate::limits::PerIp;
 use crate::relay::{self, ClientClose, RelayEnd, UPSTREAM_CLOSED_LINGER};
 use crate::smtp::stream::SmtpStream;

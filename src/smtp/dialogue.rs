@@ -7,17 +7,17 @@
 use super::line::LineEvent;
 
 /// Rejected commands before `421 4.7.0` and close (SPEC: 10).
-pub const MAX_ERRORS: u32 = 10;
+pub(crate) const MAX_ERRORS: u32 = 10;
 
 /// The client's pre-TLS greeting, replayed to the upstream on plaintext pass-through.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Greet {
+pub(crate) enum Greet {
     Ehlo(String),
     Helo(String),
 }
 
 impl Greet {
-    pub fn verb(&self) -> &'static str {
+    pub(crate) fn verb(&self) -> &'static str {
         match self {
             Greet::Ehlo(_) => "EHLO",
             Greet::Helo(_) => "HELO",
@@ -25,7 +25,7 @@ impl Greet {
     }
 
     /// The line to replay, re-emitted with CRLF.
-    pub fn line(&self) -> Vec<u8> {
+    pub(crate) fn line(&self) -> Vec<u8> {
         match self {
             Greet::Ehlo(d) => format!("EHLO {d}\r\n").into_bytes(),
             Greet::Helo(d) => format!("HELO {d}\r\n").into_bytes(),
@@ -35,7 +35,7 @@ impl Greet {
 
 /// What the session does after sending `reply` (if any).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Step {
+pub(crate) enum Step {
     /// Send the reply, read the next line.
     Reply(Vec<u8>),
     /// Send `220 2.0.0 Ready to start TLS`, drop pipelined bytes, then the handshake.
@@ -51,7 +51,7 @@ pub enum Step {
 
 /// Why the pre-TLS dialogue closed the connection (the log's `reason`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseReason {
+pub(crate) enum CloseReason {
     /// The client said QUIT (not an error).
     Quit,
     TooManyErrors,
@@ -62,7 +62,7 @@ pub enum CloseReason {
 }
 
 impl CloseReason {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             CloseReason::Quit => "quit",
             CloseReason::TooManyErrors => "too many errors",
@@ -74,7 +74,7 @@ impl CloseReason {
 
 /// The dialogue of one session.
 #[derive(Debug)]
-pub struct Dialogue {
+pub(crate) struct Dialogue {
     hostname: String,
     require_starttls: bool,
     capabilities: Vec<String>,
@@ -84,7 +84,7 @@ pub struct Dialogue {
 
 impl Dialogue {
     /// `capabilities`: EHLO keywords offered before TLS besides STARTTLS (never AUTH).
-    pub fn new(hostname: &str, require_starttls: bool, capabilities: Vec<String>) -> Self {
+    pub(crate) fn new(hostname: &str, require_starttls: bool, capabilities: Vec<String>) -> Self {
         Dialogue {
             hostname: hostname.to_owned(),
             require_starttls,
@@ -97,20 +97,20 @@ impl Dialogue {
         }
     }
 
-    pub fn greeting(&self) -> Vec<u8> {
+    pub(crate) fn greeting(&self) -> Vec<u8> {
         format!("220 {} ESMTP\r\n", self.hostname).into_bytes()
     }
 
-    pub fn greet(&self) -> Option<&Greet> {
+    pub(crate) fn greet(&self) -> Option<&Greet> {
         self.greet.as_ref()
     }
 
     #[cfg(any(test, feature = "fuzzing"))]
-    pub fn errors(&self) -> u32 {
+    pub(crate) fn errors(&self) -> u32 {
         self.errors
     }
 
-    pub fn on_event(&mut self, event: LineEvent) -> Step {
+    pub(crate) fn on_event(&mut self, event: LineEvent) -> Step {
         match event {
             LineEvent::TooLong => self.reject("500 5.5.2 Error: line too long"),
             LineEvent::Line(line) => self.on_line(&line),
@@ -202,7 +202,7 @@ fn is_withheld(keyword: &str) -> bool {
 
 /// The conservative set offered while the upstream's own set is unknown: extensions every
 /// MTA this proxy fronts (Postfix, Exim, mox, Stalwart) supports.
-pub fn default_capabilities() -> Vec<String> {
+pub(crate) fn default_capabilities() -> Vec<String> {
     ["PIPELINING", "8BITMIME", "ENHANCEDSTATUSCODES"]
         .into_iter()
         .map(str::to_owned)

@@ -4,7 +4,7 @@
 /// `reply` is one complete reply. Non-2xx and single-line replies come back unchanged.
 /// The first line is the server's domain (RFC 5321 §4.1.1.1 `ehlo-ok-rsp`), never an
 /// extension, so it is always kept: the client gets a reply whatever the upstream sent.
-pub fn strip_starttls(reply: &[u8]) -> Vec<u8> {
+pub(crate) fn strip_starttls(reply: &[u8]) -> Vec<u8> {
     if !reply.starts_with(b"2") || !reply.contains(&b'-') {
         return reply.to_vec();
     }

@@ -5,11 +5,11 @@
 //! session re-emits what it replays with CRLF.
 
 /// RFC 5321 §4.5.3.1.4: 512 octets including the CRLF.
-pub const MAX_COMMAND_LINE: usize = 512;
+pub(crate) const MAX_COMMAND_LINE: usize = 512;
 
 /// What the reader produced.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum LineEvent {
+pub(crate) enum LineEvent {
     /// A line without its terminator (CRLF or bare LF).
     Line(Vec<u8>),
     /// A line longer than `MAX_COMMAND_LINE` ended; its bytes were dropped.
@@ -18,19 +18,19 @@ pub enum LineEvent {
 
 /// Unprocessed input, bounded by `MAX_COMMAND_LINE` plus one read.
 #[derive(Debug, Default)]
-pub struct LineReader {
+pub(crate) struct LineReader {
     pending: Vec<u8>,
     discarding: bool,
 }
 
 impl LineReader {
     /// Appends bytes read from the client. Call only when `next_event` returned `None`.
-    pub fn feed(&mut self, data: &[u8]) {
+    pub(crate) fn feed(&mut self, data: &[u8]) {
         self.pending.extend_from_slice(data);
     }
 
     /// The next complete line or over-long-line report; `None` means "read more".
-    pub fn next_event(&mut self) -> Option<LineEvent> {
+    pub(crate) fn next_event(&mut self) -> Option<LineEvent> {
         loop {
             match self.pending.iter().position(|&b| b == b'\n') {
                 Some(lf) => {
@@ -65,12 +65,12 @@ impl LineReader {
     }
 
     /// Takes every byte not yet returned as a line (pipelined input, partial lines included).
-    pub fn take_remaining(&mut self) -> Vec<u8> {
+    pub(crate) fn take_remaining(&mut self) -> Vec<u8> {
         self.discarding = false;
         std::mem::take(&mut self.pending)
     }
 
-    pub fn buffered(&self) -> usize {
+    pub(crate) fn buffered(&self) -> usize {
         self.pending.len()
     }
 }

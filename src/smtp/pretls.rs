@@ -15,13 +15,13 @@ use super::dialogue::{CloseReason, Dialogue, Greet, Step};
 use super::line::LineReader;
 
 /// The most one read hands `receive`; with the line limit it bounds what is buffered.
-pub const READ: usize = 1024;
+pub(crate) const READ: usize = 1024;
 /// First byte of a TLS handshake record.
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// What the session does next.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Next {
+pub(crate) enum Next {
     /// Read at most [`READ`] bytes from the client and pass them to `receive`.
     Read,
     /// Write this reply, then ask again.
@@ -32,7 +32,7 @@ pub enum Next {
 
 /// How the pre-TLS dialogue hands the session on.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Handoff {
+pub(crate) enum Handoff {
     /// Write `reply` (`220 Ready to start TLS`), then the handshake. `discarded` is what
     /// the client pipelined after the STARTTLS line: dropped, only its size is logged.
     StartTls { reply: Vec<u8>, discarded: Vec<u8> },
@@ -50,7 +50,7 @@ pub enum Handoff {
 }
 
 #[derive(Debug)]
-pub struct PreTls {
+pub(crate) struct PreTls {
     reader: LineReader,
     dialogue: Dialogue,
     first_read: bool,
@@ -58,7 +58,7 @@ pub struct PreTls {
 }
 
 impl PreTls {
-    pub fn new(dialogue: Dialogue) -> PreTls {
+    pub(crate) fn new(dialogue: Dialogue) -> PreTls {
         PreTls {
             reader: LineReader::default(),
             dialogue,
@@ -68,12 +68,12 @@ impl PreTls {
     }
 
     /// Our `220` greeting, written before anything is read.
-    pub fn greeting(&self) -> Vec<u8> {
+    pub(crate) fn greeting(&self) -> Vec<u8> {
         self.dialogue.greeting()
     }
 
     /// Bytes the client sent (one read, at most [`READ`]); only after `step` said `Read`.
-    pub fn receive(&mut self, bytes: &[u8]) {
+    pub(crate) fn receive(&mut self, bytes: &[u8]) {
         if bytes.is_empty() {
             return;
         }
@@ -84,7 +84,7 @@ impl PreTls {
         self.reader.feed(bytes);
     }
 
-    pub fn step(&mut self) -> Next {
+    pub(crate) fn step(&mut self) -> Next {
         if self.sniffed_tls {
             return Next::Done(Handoff::Close {
                 reply: None,
@@ -122,19 +122,14 @@ impl PreTls {
 
     /// Unprocessed input held (for the fuzz invariants).
     #[cfg(any(test, feature = "fuzzing"))]
-    pub fn buffered(&self) -> usize {
+    pub(crate) fn buffered(&self) -> usize {
         self.reader.buffered()
     }
 
     /// Rejected commands so far (for the fuzz invariants).
     #[cfg(any(test, feature = "fuzzing"))]
-    pub fn errors(&self) -> u32 {
+    pub(crate) fn errors(&self) -> u32 {
         self.dialogue.errors()
-    }
-
-    #[cfg(any(test, feature = "fuzzing"))]
-    pub fn greet(&self) -> Option<&Greet> {
-        self.dialogue.greet()
     }
 }
 

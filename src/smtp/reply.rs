@@ -5,11 +5,11 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Bound on one reply from the upstream (a greeting or an EHLO list): RFC 5321 §4.5.3.1.5
 /// allows 512-octet reply lines; 64 of them is far beyond any real EHLO list.
-pub const MAX_REPLY_LEN: usize = 64 * 512;
+pub(crate) const MAX_REPLY_LEN: usize = 64 * 512;
 
 /// Where a complete reply ends in a buffer, and its code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReplySpan {
+pub(crate) struct ReplySpan {
     pub code: u16,
     /// Bytes from the start of the buffer up to and including the last line's LF.
     pub len: usize,
@@ -17,7 +17,7 @@ pub struct ReplySpan {
 
 /// Why no reply could be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ReplyError {
+pub(crate) enum ReplyError {
     /// A line that does not start with three digits and ` `, `-` or the line end.
     Malformed(String),
     TooLong,
@@ -38,7 +38,7 @@ impl std::fmt::Display for ReplyError {
 }
 
 /// Finds the first complete reply in `buf`: `Ok(None)` means "need more bytes".
-pub fn parse_reply(buf: &[u8]) -> Result<Option<ReplySpan>, ReplyError> {
+pub(crate) fn parse_reply(buf: &[u8]) -> Result<Option<ReplySpan>, ReplyError> {
     let mut start = 0;
     while let Some(nl) = buf[start..].iter().position(|&b| b == b'\n') {
         let line = &buf[start..start + nl + 1];
@@ -75,7 +75,7 @@ pub fn parse_reply(buf: &[u8]) -> Result<Option<ReplySpan>, ReplyError> {
 
 /// Reads until `buf` holds one complete reply; bytes after it stay in `buf`.
 /// Cancel-safe only in the sense that `buf` keeps what was read.
-pub async fn read_reply<R: AsyncRead + Unpin>(
+pub(crate) async fn read_reply<R: AsyncRead + Unpin>(
     reader: &mut R,
     buf: &mut Vec<u8>,
 ) -> Result<ReplySpan, ReplyError> {
@@ -96,23 +96,23 @@ pub async fn read_reply<R: AsyncRead + Unpin>(
 }
 
 /// `421 4.3.0`: our fault or the upstream's, temporary, so the sender retries.
-pub fn upstream_unavailable(hostname: &str) -> Vec<u8> {
+pub(crate) fn upstream_unavailable(hostname: &str) -> Vec<u8> {
     format!("421 4.3.0 {hostname} Service temporarily unavailable, try again later\r\n")
         .into_bytes()
 }
 
 /// `421 4.4.2`: the client sent no command within `command_timeout`.
-pub fn command_timeout(hostname: &str) -> Vec<u8> {
+pub(crate) fn command_timeout(hostname: &str) -> Vec<u8> {
     format!("421 4.4.2 {hostname} Error: timeout exceeded\r\n").into_bytes()
 }
 
 /// `421 4.7.0`: a connection limit (global, listener or per client address) is reached.
-pub fn too_many_connections(hostname: &str) -> Vec<u8> {
+pub(crate) fn too_many_connections(hostname: &str) -> Vec<u8> {
     format!("421 4.7.0 {hostname} Too many connections, try again later\r\n").into_bytes()
 }
 
 /// `421 4.3.0`: SIGTERM reached a session still in the pre-TLS dialogue.
-pub fn shutting_down(hostname: &str) -> Vec<u8> {
+pub(crate) fn shutting_down(hostname: &str) -> Vec<u8> {
     format!("421 4.3.0 {hostname} Service shutting down, try again later\r\n").into_bytes()
 }
 

@@ -10,13 +10,13 @@ use super::ehlo::strip_starttls;
 use super::reply::{ReplyError, parse_reply};
 
 /// A command line longer than this is forwarded as it streams, without interpretation.
-pub const MAX_TRACKED_LINE: usize = 1024;
+pub(crate) const MAX_TRACKED_LINE: usize = 1024;
 
 const END_OF_DATA: &[u8; 5] = b"\r\n.\r\n";
 
 /// What the client is owed next, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Expect {
+pub(crate) enum Expect {
     /// A reply from the upstream to a forwarded command.
     Upstream(ReplyKind),
     /// A reply of ours (to STARTTLS), sent once every earlier reply has been sent.
@@ -24,7 +24,7 @@ pub enum Expect {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ReplyKind {
+pub(crate) enum ReplyKind {
     Ehlo,
     Data,
     Other,
@@ -43,7 +43,7 @@ enum State {
 
 /// Both directions' parse state of one session.
 #[derive(Debug)]
-pub struct SmtpStream {
+pub(crate) struct SmtpStream {
     state: State,
     line: Vec<u8>,
     long_line: bool,
@@ -53,9 +53,9 @@ pub struct SmtpStream {
 }
 
 /// Our reply to STARTTLS inside TLS, upgraded or implicit (Postfix's text; RFC 8314 §3.3).
-pub const STARTTLS_IN_TLS: &[u8] = b"554 5.5.1 Error: TLS already active\r\n";
+pub(crate) const STARTTLS_IN_TLS: &[u8] = b"554 5.5.1 Error: TLS already active\r\n";
 /// After a plaintext hand-off: the session can no longer be upgraded.
-pub const STARTTLS_AFTER_HANDOFF: &[u8] =
+pub(crate) const STARTTLS_AFTER_HANDOFF: &[u8] =
     b"502 5.5.1 Error: STARTTLS is only available before the first mail command\r\n";
 
 impl Default for SmtpStream {
@@ -66,7 +66,7 @@ impl Default for SmtpStream {
 
 impl SmtpStream {
     /// `starttls_reply`: what a STARTTLS command gets (it is never relayed).
-    pub fn new(starttls_reply: &'static [u8]) -> Self {
+    pub(crate) fn new(starttls_reply: &'static [u8]) -> Self {
         SmtpStream {
             starttls_reply,
             state: State::Command,
@@ -78,21 +78,21 @@ impl SmtpStream {
     }
 
     /// Gives back buffer capacity kept from earlier traffic (an idle session's memory).
-    pub fn release(&mut self) {
+    pub(crate) fn release(&mut self) {
         self.line.shrink_to_fit();
         self.replies.shrink_to_fit();
         self.expects.shrink_to_fit();
     }
 
     /// Whether client input may be processed now (false while a DATA reply is awaited).
-    pub fn wants_client_input(&self) -> bool {
+    pub(crate) fn wants_client_input(&self) -> bool {
         self.state != State::AwaitDataReply
     }
 
     /// Processes client bytes: what to forward goes to `to_upstream`, replies of ours to
     /// `to_client`. Returns how many bytes were consumed (fewer when a DATA reply must come
     /// first; the caller keeps the rest).
-    pub fn client_bytes(
+    pub(crate) fn client_bytes(
         &mut self,
         input: &[u8],
         to_upstream: &mut Vec<u8>,
@@ -222,7 +222,7 @@ impl SmtpStream {
     }
 
     /// Processes upstream bytes into `to_client`: whole replies, EHLO replies filtered.
-    pub fn upstream_bytes(
+    pub(crate) fn upstream_bytes(
         &mut self,
         input: &[u8],
         to_client: &mut Vec<u8>,

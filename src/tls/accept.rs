@@ -30,7 +30,7 @@ pub struct ListenerTls {
 
 /// Facts of a completed handshake.
 #[derive(Debug, Clone)]
-pub struct TlsFacts {
+pub(crate) struct TlsFacts {
     pub sni: Option<String>,
     pub version: &'static str,
     pub cipher: String,
@@ -42,7 +42,7 @@ pub struct TlsFacts {
 
 /// Why a handshake did not complete; a normal network ending, not an error of ours.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum HandshakeFailure {
+pub(crate) enum HandshakeFailure {
     Timeout,
     /// `unknown_sni: reject` and this SNI names nothing we serve.
     UnrecognizedName(String),
@@ -57,7 +57,7 @@ pub enum HandshakeFailure {
 
 impl HandshakeFailure {
     /// A short, bounded name: the `reason` label of the handshake metric.
-    pub fn class(&self) -> &'static str {
+    pub(crate) fn class(&self) -> &'static str {
         match self {
             HandshakeFailure::Timeout => "timeout",
             HandshakeFailure::UnrecognizedName(_) => "unrecognized_name",
@@ -84,7 +84,7 @@ impl fmt::Display for HandshakeFailure {
 }
 
 /// Runs the whole server handshake on `io` within `timeout`.
-pub async fn accept<IO>(
+pub(crate) async fn accept<IO>(
     io: IO,
     tls: &ListenerTls,
     timeout: Duration,

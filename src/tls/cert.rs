@@ -77,7 +77,7 @@ impl ServedCert {
 }
 
 /// Reads names, key type, signature algorithm and expiry from the leaf.
-pub fn describe(certified: CertifiedKey, origin: String) -> Result<ServedCert, String> {
+pub(crate) fn describe(certified: CertifiedKey, origin: String) -> Result<ServedCert, String> {
     let leaf = certified
         .cert
         .first()
@@ -155,7 +155,10 @@ fn sig_alg_name(oid: &str) -> String {
 type Generated = (CertificateDer<'static>, Vec<u8>);
 
 /// A self-signed certificate for `names`, generated once per name list and process.
-pub fn self_signed_for(names: &[String], provider: &CryptoProvider) -> Result<ServedCert, String> {
+pub(crate) fn self_signed_for(
+    names: &[String],
+    provider: &CryptoProvider,
+) -> Result<ServedCert, String> {
     // Generated once per name list and process: a reload (or a spurious file event) must
     // not change the certificate clients see.
     static GENERATED: OnceLock<Mutex<HashMap<Vec<String>, Generated>>> = OnceLock::new();

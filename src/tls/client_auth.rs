@@ -16,7 +16,7 @@ use rustls_pki_types::{CertificateDer, UnixTime};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// Loads a PEM CA bundle into a root store. The error is the reason only; callers add the key.
-pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
+pub(crate) fn load_roots(path: &Path) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
     let certs = CertificateDer::pem_file_iter(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
@@ -33,7 +33,7 @@ pub fn load_roots(path: &Path) -> Result<RootCertStore, String> {
 }
 
 /// A verifier that always checks chains to `roots` (used for `require`, and post-handshake for `request`).
-pub fn chain_verifier(
+pub(crate) fn chain_verifier(
     roots: RootCertStore,
     provider: &Arc<CryptoProvider>,
 ) -> Result<Arc<dyn ClientCertVerifier>, String> {
@@ -45,13 +45,13 @@ pub fn chain_verifier(
 /// `client_cert: request`: offers client auth, never makes it mandatory, accepts any chain,
 /// but still checks the client's handshake signature (proof of possession of the key).
 #[derive(Debug)]
-pub struct RequestAnyCert {
+pub(crate) struct RequestAnyCert {
     hints: Vec<DistinguishedName>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl RequestAnyCert {
-    pub fn new(roots: Option<&RootCertStore>, provider: &CryptoProvider) -> Self {
+    pub(crate) fn new(roots: Option<&RootCertStore>, provider: &CryptoProvider) -> Self {
         RequestAnyCert {
             hints: roots.map(RootCertStore::subjects).unwrap_or_default(),
             algorithms: provider.signature_verification_algorithms,
@@ -106,7 +106,7 @@ impl ClientCertVerifier for RequestAnyCert {
 
 /// The verdict on a presented client certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ClientVerify {
+pub(crate) enum ClientVerify {
     /// Chains to `client_ca`.
     Ok,
     /// Presented, but no `client_ca` to judge it against.
@@ -117,7 +117,7 @@ pub enum ClientVerify {
 
 impl ClientVerify {
     /// The bounded class: `ok`, `no_ca` or `failed` (metric label).
-    pub fn class(&self) -> &'static str {
+    pub(crate) fn class(&self) -> &'static str {
         match self {
             ClientVerify::Ok => "ok",
             ClientVerify::NoCa => "no_ca",
@@ -125,7 +125,7 @@ impl ClientVerify {
         }
     }
 
-    pub fn as_str(&self) -> &str {
+    pub(crate) fn as_str(&self) -> &str {
         match self {
             ClientVerify::Ok => "ok",
             ClientVerify::NoCa => "no_ca",
@@ -136,20 +136,20 @@ impl ClientVerify {
 
 /// What the client's certificate said, if it sent one.
 #[derive(Debug, Clone)]
-pub struct ClientCertFacts {
+pub(crate) struct ClientCertFacts {
     pub sha256: [u8; 32],
     pub cn: Option<String>,
     pub verify: ClientVerify,
 }
 
 impl ClientCertFacts {
-    pub fn fingerprint_hex(&self) -> String {
+    pub(crate) fn fingerprint_hex(&self) -> String {
         self.sha256.iter().map(|b| format!("{b:02x}")).collect()
     }
 }
 
 /// Judges the chain rustls accepted. `judge` is the `client_ca` verifier, when configured.
-pub fn facts(
+pub(crate) fn facts(
     chain: Option<&[CertificateDer<'static>]>,
     judge: Option<&Arc<dyn ClientCertVerifier>>,
 ) -> Option<ClientCertFacts> {

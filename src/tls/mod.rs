@@ -1,16 +1,15 @@
 //! TLS: the certificate store, SNI resolution, client-certificate policy, the server
 //! handshake, and the client configuration used to re-encrypt towards an upstream.
 
-pub mod accept;
-pub mod cert;
-pub mod client_auth;
-pub mod resolve;
-pub mod store;
-pub mod upstream;
+pub(crate) mod accept;
+pub(crate) mod cert;
+pub(crate) mod client_auth;
+pub(crate) mod resolve;
+pub(crate) mod store;
+pub(crate) mod upstream;
 
-pub use accept::{HandshakeFailure, ListenerTls, TlsFacts, accept};
-pub use cert::ServedCert;
-pub use store::CertStore;
+pub(crate) use accept::{HandshakeFailure, ListenerTls, TlsFacts, accept};
+pub(crate) use store::CertStore;
 
 use std::sync::Arc;
 
@@ -23,7 +22,7 @@ use rustls::crypto::CryptoProvider;
 /// and AES-128 has fewer rounds, so handshakes and bulk relaying cost less (bench/); every
 /// suite keeps 128-bit or better security and forward secrecy. For TLS 1.2, ECDSA and RSA
 /// suites each follow that order (the certificate the client can use picks the family).
-pub fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     use rustls::crypto::aws_lc_rs::cipher_suite::{
         TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256, TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
         TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256, TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256,

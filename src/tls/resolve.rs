@@ -43,7 +43,7 @@ pub enum CertChoice {
 
 /// Exact name, one-label wildcard, else the listener's policy. No SNI (or an IP literal)
 /// always gets the default certificate: many sending MTAs send no SNI.
-pub fn resolve(
+pub(crate) fn resolve(
     store: &CertStore,
     default: &[Arc<ServedCert>],
     policy: UnknownSni,

@@ -18,7 +18,7 @@ pub struct UpstreamTlsClient {
 }
 
 /// Builds the client side; the error is the reason, keyed by the caller.
-pub fn build(
+pub(crate) fn build(
     tls: &UpstreamTls,
     provider: &Arc<CryptoProvider>,
 ) -> Result<UpstreamTlsClient, (String, String)> {

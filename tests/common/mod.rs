@@ -1,6 +1,8 @@
 //! Shared test parts: a PKI made with rcgen, the proxy binary started as a child process
 //! (ready when it has logged every bound listener), a recording fake MTA for unit-level
 //! checks, rustls and SMTP line clients with timeouts, and a private Postfix (`postfix`).
+// Test support: `pub` for the test files that use it, not an API.
+#![allow(unreachable_pub)]
 #![allow(dead_code)]
 #![allow(clippy::unwrap_used)]
 
@@ -29,6 +31,26 @@ use tokio_rustls::TlsConnector;
 
 /// Bound on every single network wait in tests.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The one poll loop of the suite: evaluates `condition` until it gives `Some`, at most for
+/// `within`, and panics naming `what` (and what the condition last said) if it never does.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut condition: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + within;
+    loop {
+        match condition().await {
+            Ok(v) => return v,
+            Err(last) => assert!(
+                Instant::now() < deadline,
+                "{what}: not so within {within:?}; last: {last}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
 
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
@@ -281,18 +303,10 @@ impl RunningProxy {
 
     /// Polls (bounded) until a log event matches.
     pub async fn wait_for_log(&self, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + IO_TIMEOUT;
-        loop {
-            if let Some(v) = self.find_log(&pred) {
-                return v;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no matching log event in {IO_TIMEOUT:?}:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(IO_TIMEOUT, "a matching log event", || async {
+            self.find_log(&pred).ok_or_else(|| self.log_text())
+        })
+        .await
     }
 
     /// How many log events match so far.
@@ -307,8 +321,7 @@ impl RunningProxy {
         within: Duration,
         pred: impl Fn(&Value) -> bool,
     ) -> Value {
-        let deadline = Instant::now() + within;
-        loop {
+        eventually(within, &format!("{n} matching log events"), || async {
             let found: Vec<Value> = self
                 .logs
                 .lock()
@@ -317,16 +330,9 @@ impl RunningProxy {
                 .filter(|v| pred(v))
                 .cloned()
                 .collect();
-            if found.len() >= n {
-                return found[n - 1].clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "fewer than {n} matching log events in {within:?}:\n{}",
-                self.log_text()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+            found.get(n - 1).cloned().ok_or_else(|| self.log_text())
+        })
+        .await
     }
 
     /// Waits for the `n`-th `reloaded` event (the first reload is n = 1).
@@ -468,22 +474,14 @@ impl FakeMta {
 
     /// Polls (bounded) until connection `index` has recorded a line matching `pred`.
     pub async fn wait_line(&self, index: usize, pred: impl Fn(&str) -> bool) -> MtaConn {
-        let deadline = Instant::now() + IO_TIMEOUT;
-        loop {
-            if let Some(c) = self
-                .conns()
+        eventually(IO_TIMEOUT, "fake MTA: the line", || async {
+            self.conns()
                 .get(index)
                 .filter(|c| c.lines.iter().any(|l| pred(l)))
-            {
-                return c.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "fake MTA: no such line: {:?}",
-                self.conns()
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+                .cloned()
+                .ok_or_else(|| format!("{:?}", self.conns()))
+        })
+        .await
     }
 }
 
