@@ -98,11 +98,8 @@ impl AcmeSlot {
 fn next_renewal(cert: &ServedCert) -> Option<i64> {
     let leaf = cert.certified.cert.first()?;
     let (_, x) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
-    let (nb, na) = (
-        x.validity().not_before.timestamp(),
-        x.validity().not_after.timestamp(),
-    );
-    Some(na - (na - nb) / 3)
+    let v = x.validity();
+    Some(v.not_after.timestamp() - (v.not_after.timestamp() - v.not_before.timestamp()) / 3)
 }
 
 struct Entry {

@@ -8,11 +8,13 @@ mod config;
 mod dialogue;
 mod ehlo;
 mod proxy;
+mod proxy_outbound;
 
 pub use config::check_config;
 pub use dialogue::check_dialogue;
 pub use ehlo::check_ehlo_filter;
-pub use proxy::{check_proxy_inbound, check_proxy_outbound};
+pub use proxy::check_proxy_inbound;
+pub use proxy_outbound::check_proxy_outbound;
 
 /// Structured values read off the fuzz input; past its end every read is zero or empty.
 struct Input<'a>(&'a [u8]);

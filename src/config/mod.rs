@@ -2,6 +2,7 @@
 //! overrides, serde checks types and unknown keys, `validate` checks cross-references.
 //! Every error reads `file: key.path: reason`.
 
+mod certificates;
 pub mod file;
 mod validate;
 
