@@ -202,6 +202,68 @@ impl Metrics {
         }
     }
 
+    /// Creates at 0 every series of a listener whose label values are known now: sessions
+    /// by outcome, transports, bytes by direction, discarded bytes, handshake failures by
+    /// reason and, when client certificates are asked for, their verify results.
+    pub(crate) fn listener_series(&self, listener: &str, known: &KnownLabels<'_>) {
+        let l = || listener.to_owned();
+        for o in known.outcomes {
+            let _ = self.sessions.get_or_create(&OutcomeLabels {
+                listener: l(),
+                outcome: (*o).to_owned(),
+            });
+        }
+        for t in known.transports {
+            let _ = self.transports.get_or_create(&TransportLabels {
+                listener: l(),
+                transport: (*t).to_owned(),
+            });
+        }
+        for d in ["from_client", "from_upstream"] {
+            let _ = self.bytes.get_or_create(&DirectionLabels {
+                listener: l(),
+                direction: d.to_owned(),
+            });
+        }
+        let _ = self
+            .pipelined_discarded
+            .get_or_create(&ListenerLabel { listener: l() });
+        for r in known.handshake_failures {
+            let _ = self.handshakes.get_or_create(&HandshakeLabels {
+                listener: l(),
+                result: "failed".to_owned(),
+                reason: (*r).to_owned(),
+            });
+        }
+        if let Some(mode) = known.client_cert_mode {
+            for v in known.client_cert_verify {
+                let _ = self.client_certs.get_or_create(&ClientCertLabels {
+                    listener: l(),
+                    mode: mode.to_owned(),
+                    verify: (*v).to_owned(),
+                });
+            }
+        }
+    }
+
+    /// Creates at 0 an upstream's failure series (each reason) and its health gauge.
+    pub(crate) fn upstream_series(&self, upstream: &str, failure_reasons: &[&'static str]) {
+        for r in failure_reasons {
+            let _ = self
+                .upstream_failures
+                .get_or_create(&UpstreamFailureLabels {
+                    upstream: upstream.to_owned(),
+                    reason: (*r).to_owned(),
+                });
+        }
+        let _ = self.upstream_up.get_or_create(&UpstreamLabel {
+            upstream: upstream.to_owned(),
+        });
+        let _ = self.upstream_connect.get_or_create(&UpstreamLabel {
+            upstream: upstream.to_owned(),
+        });
+    }
+
     /// The handles of one listener's counters (created, so they exist at 0).
     pub(crate) fn listener_counters(
         &self,
@@ -302,6 +364,16 @@ impl Metrics {
             upstream: upstream.to_owned(),
         });
     }
+}
+
+/// The label values a listener's series can take, from the callers' enums.
+pub(crate) struct KnownLabels<'a> {
+    pub(crate) outcomes: &'a [&'static str],
+    pub(crate) transports: &'a [&'static str],
+    pub(crate) handshake_failures: &'a [&'static str],
+    /// `None` for `client_cert: none` (no client certificate is ever asked for).
+    pub(crate) client_cert_mode: Option<&'static str>,
+    pub(crate) client_cert_verify: &'a [&'static str],
 }
 
 /// One listener's counter handles, bumped without label lookups.

@@ -44,6 +44,11 @@ pub(crate) enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// Every `class()`, so the failure series can exist at 0 from the start.
+    pub(crate) const CLASSES: [&'static str; 6] = [
+        "resolve", "connect", "timeout", "tls", "greeting", "refused",
+    ];
+
     /// Bounded name for the metric's `reason` label.
     pub(crate) fn class(&self) -> &'static str {
         match self {

@@ -366,3 +366,101 @@ listeners:
     // Postfix accepted the probe's PROXY v2 LOCAL header (no "haproxy" complaint).
     assert!(!pf.log().contains("haproxy read: "), "{}", pf.log());
 }
+
+/// SPEC "Observability": every series whose labels are known from the config or a fixed set
+/// exists at 0 from the start, so `rate()` and `absent()` alerts work before the first event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fresh_proxy_exposes_its_known_series_at_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &config,
+        "log: { format: json }\nmetrics: { listen: \"127.0.0.1:0\" }\n\
+         upstreams:\n  mta: { address: \"127.0.0.1:9\" }\n  spare: { address: \"127.0.0.1:9\" }\n\
+         certificates:\n  - self_signed: [mx.example.test]\n\
+         listeners:\n\
+         \x20 smtp: { listen: \"127.0.0.1:0\", mode: starttls, hostname: mx.example.test, upstream: mta }\n\
+         \x20 smtps: { listen: \"127.0.0.1:0\", mode: implicit, hostname: mx.example.test, upstream: spare, client_cert: request }\n",
+    )
+    .unwrap();
+    let proxy = spawn_proxy_at(dir, &config, &[]);
+    let scrape = Scrape::get(proxy.metrics_addr()).await;
+    let present = |name: &str, labels: &[(&str, &str)]| {
+        scrape.0.iter().any(|(n, l, v)| {
+            n == name
+                && *v == 0.0
+                && labels
+                    .iter()
+                    .all(|(k, want)| l.iter().any(|(lk, lv)| lk == k && lv == want))
+        })
+    };
+    let expected: &[(&str, &[(&str, &str)])] = &[
+        ("smtp_proxy_reloads_total", &[("result", "ok")]),
+        ("smtp_proxy_reloads_total", &[("result", "failed")]),
+        ("smtp_proxy_connections_total", &[("listener", "smtp")]),
+        ("smtp_proxy_connections_active", &[("listener", "smtps")]),
+        (
+            "smtp_proxy_sessions_total",
+            &[("listener", "smtp"), ("outcome", "limit")],
+        ),
+        (
+            "smtp_proxy_sessions_total",
+            &[("listener", "smtps"), ("outcome", "relayed")],
+        ),
+        (
+            "smtp_proxy_tls_handshakes_total",
+            &[("listener", "smtps"), ("result", "ok")],
+        ),
+        (
+            "smtp_proxy_tls_handshakes_total",
+            &[
+                ("listener", "smtp"),
+                ("result", "failed"),
+                ("reason", "timeout"),
+            ],
+        ),
+        ("smtp_proxy_sni_fallbacks_total", &[("listener", "smtp")]),
+        (
+            "smtp_proxy_sessions_by_transport_total",
+            &[("listener", "smtp"), ("transport", "plaintext")],
+        ),
+        (
+            "smtp_proxy_relayed_bytes_total",
+            &[("listener", "smtps"), ("direction", "from_client")],
+        ),
+        (
+            "smtp_proxy_pipelined_bytes_discarded_total",
+            &[("listener", "smtp")],
+        ),
+        (
+            "smtp_proxy_client_certificates_total",
+            &[
+                ("listener", "smtps"),
+                ("mode", "request"),
+                ("verify", "failed"),
+            ],
+        ),
+        (
+            "smtp_proxy_upstream_connect_failures_total",
+            &[("upstream", "spare"), ("reason", "connect")],
+        ),
+    ];
+    for (name, labels) in expected {
+        assert!(present(name, labels), "{name} {labels:?} missing at start");
+    }
+    // Control: a listener without client certificates has no such series, and nothing
+    // invents series for names the config does not have.
+    assert!(
+        !scrape
+            .0
+            .iter()
+            .any(|(n, l, _)| n == "smtp_proxy_client_certificates_total"
+                && l.iter().any(|(k, v)| k == "listener" && v == "smtp"))
+    );
+    assert!(
+        !scrape
+            .0
+            .iter()
+            .any(|(_, l, _)| l.iter().any(|(_, v)| v == "mtx"))
+    );
+}

@@ -80,6 +80,20 @@ impl LimitKind {
 }
 
 impl Outcome {
+    /// Every `kind()` (the `outcome` label), so the series can exist at 0 from the start.
+    pub(crate) const KINDS: [&'static str; 10] = [
+        "relayed",
+        "client_closed",
+        "handshake_failed",
+        "timeout",
+        "upstream_failed",
+        "reset",
+        "limit",
+        "shutdown",
+        "protocol_error",
+        "acme_challenge",
+    ];
+
     pub(crate) fn kind(&self) -> &'static str {
         match self {
             Outcome::Relayed => "relayed",
@@ -130,6 +144,9 @@ pub(crate) enum Transport {
 }
 
 impl Transport {
+    /// The transports a session that reached the upstream can have (the metric label).
+    pub(crate) const RELAYED: [&'static str; 3] = ["implicit", "starttls", "plaintext"];
+
     pub(crate) fn as_str(self) -> &'static str {
         match self {
             Transport::Implicit => "implicit",

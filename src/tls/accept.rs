@@ -57,6 +57,20 @@ pub(crate) enum HandshakeFailure {
 
 impl HandshakeFailure {
     /// A short, bounded name: the `reason` label of the handshake metric.
+    /// Every value `class` gives for a failed handshake (the `reason` label), so the series
+    /// can exist at 0 from the start.
+    pub(crate) const FAILURE_CLASSES: [&'static str; 9] = [
+        "timeout",
+        "unrecognized_name",
+        "invalid_message",
+        "incompatible",
+        "alert_received",
+        "client_certificate",
+        "tls_error",
+        "eof",
+        "io_error",
+    ];
+
     pub(crate) fn class(&self) -> &'static str {
         match self {
             HandshakeFailure::Timeout => "timeout",

@@ -116,6 +116,8 @@ pub(crate) enum ClientVerify {
 }
 
 impl ClientVerify {
+    pub(crate) const CLASSES: [&'static str; 3] = ["ok", "no_ca", "failed"];
+
     /// The bounded class: `ok`, `no_ca` or `failed` (metric label).
     pub(crate) fn class(&self) -> &'static str {
         match self {
