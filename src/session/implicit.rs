@@ -12,13 +12,14 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let session = Box::pin(session.into_tls(Transport::Implicit)).await?;
-    let (mut session, up) = Box::pin(session.connect()).await?;
+    let (mut session, mut up) = Box::pin(session.connect()).await?;
     // The greeting goes to the client unchanged (the MTA's own policy, e.g. a 554, included).
     if write_reply(&mut session.io, &up.greeting).await.is_err() {
         return Err(session.end(Ended::silent(Outcome::Reset)));
     }
     session.facts.bytes_from_upstream = up.greeting.len() as u64;
-    Ok(session
-        .relay(up, SmtpStream::new(STARTTLS_IN_TLS), Vec::new())
-        .await)
+    let ended = session
+        .relay(&mut up, SmtpStream::new(STARTTLS_IN_TLS), Vec::new())
+        .await;
+    Ok(session.end(ended))
 }

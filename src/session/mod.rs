@@ -100,7 +100,8 @@ where
     let finished = match phases(session, per_ip, &mut ip_slot, shutdown).await {
         Ok(f) | Err(f) => f,
     };
-    let report = finished.close().await;
+    // Boxed: the closing write's state is not part of every session's task.
+    let report = Box::pin(finished.close()).await;
     drop(ip_slot);
     report
 }

@@ -139,8 +139,9 @@ where
 {
     let session = Box::pin(session.into_tls(Transport::Starttls)).await?;
     let (session, first) = session.first_command(pretls::READ).await?;
-    let (session, up) = Box::pin(connect_greeted(session)).await?;
-    Ok(session.relay(up, SmtpStream::default(), first).await)
+    let (mut session, mut up) = Box::pin(connect_greeted(session)).await?;
+    let ended = session.relay(&mut up, SmtpStream::default(), first).await;
+    Ok(session.end(ended))
 }
 
 /// Port 25 without STARTTLS: one coherent plaintext session through the upstream.
@@ -153,7 +154,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     session.facts.transport = Transport::Plaintext;
-    let (session, mut up) = Box::pin(connect_greeted(session)).await?;
+    let (mut session, mut up) = Box::pin(connect_greeted(session)).await?;
     if let Some(greet) = greet {
         // Replayed only after the greeting: Postfix refuses pre-greeting input.
         let replay = async {
@@ -180,9 +181,10 @@ where
             }));
         }
     }
-    Ok(session
-        .relay(up, SmtpStream::new(STARTTLS_AFTER_HANDOFF), forward)
-        .await)
+    let ended = session
+        .relay(&mut up, SmtpStream::new(STARTTLS_AFTER_HANDOFF), forward)
+        .await;
+    Ok(session.end(ended))
 }
 
 /// Connects and requires a 2xx greeting (consumed, never forwarded on these paths).
