@@ -27,7 +27,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LOADGEN = os.path.join(ROOT, "target/release/loadgen")
-PROXY = os.path.join(ROOT, "target/release/smtp-tls-proxy")
+# BENCH_PROXY: another build of ours (e.g. the previous commit's) to compare in one run.
+PROXY = os.environ.get("BENCH_PROXY", os.path.join(ROOT, "target/release/smtp-tls-proxy"))
 CLK = os.sysconf("SC_CLK_TCK")
 ECDSA_NAME, RSA_NAME = "ecdsa.bench.test", "rsa.bench.test"
 

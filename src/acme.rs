@@ -74,6 +74,13 @@ impl AcmeSlot {
             certified,
             format!("acme:{}", self.spec.directory),
         )?);
+        if let Some(previous) = self.issued.load_full()
+            && previous.spki_sha256 != served.spki_sha256
+        {
+            for name in &served.names {
+                cert::key_changed(name, &previous.tlsa(), &served.tlsa(), "renewal");
+            }
+        }
         self.issued.store(Some(served.clone()));
         metrics()
             .cert_expiry

@@ -60,7 +60,7 @@ pub fn describe(snapshot: &Snapshot) -> String {
         let days = (cert.not_after - now) / 86_400;
         let _ = writeln!(
             out,
-            "certificate {index}: {}: names {}; key {}; expires {} ({})",
+            "certificate {index}: {}: names {}; key {}; expires {} ({}); TLSA {}",
             cert.origin,
             cert.names.join(", "),
             cert.key_alg,
@@ -69,7 +69,8 @@ pub fn describe(snapshot: &Snapshot) -> String {
                 "EXPIRED".to_owned()
             } else {
                 format!("in {days} days")
-            }
+            },
+            cert.tlsa(),
         );
     }
     for w in warnings(c) {
@@ -81,8 +82,9 @@ pub fn describe(snapshot: &Snapshot) -> String {
             Some(c) => {
                 let expires = UNIX_EPOCH + Duration::from_secs(c.not_after.max(0) as u64);
                 format!(
-                    "cached certificate expires {}",
-                    humantime::format_rfc3339_seconds(expires)
+                    "cached certificate expires {}; TLSA {}",
+                    humantime::format_rfc3339_seconds(expires),
+                    c.tlsa()
                 )
             }
             None => "no cached certificate yet: ordered at start, a self-signed one is served until then".to_owned(),

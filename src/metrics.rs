@@ -40,6 +40,7 @@ pub(crate) struct Metrics {
     pub reloads: F<ResultLabel, Counter>,
     pub cert_expiry: F<CertLabels, Gauge>,
     pub acme_events: F<AcmeLabels, Counter>,
+    pub key_changes: F<NameLabel, Counter>,
     pub acme_next_renewal: F<DomainsLabel, Gauge<f64, AtomicU64>>,
 }
 
@@ -67,6 +68,7 @@ impl Metrics {
             reloads: F::default(),
             cert_expiry: F::default(),
             acme_events: F::default(),
+            key_changes: F::default(),
             acme_next_renewal: F::default(),
             registry: Registry::default(),
         };
@@ -138,6 +140,11 @@ impl Metrics {
             m.cert_expiry.clone(),
         );
         r.register("acme_events", "ACME events", m.acme_events.clone());
+        r.register(
+            "certificate_key_changes",
+            "Changes of the key served for a name (reload or ACME renewal): TLSA records to update",
+            m.key_changes.clone(),
+        );
         r.register(
             "acme_next_renewal_timestamp_seconds",
             "When ACME renews next (Unix time), per domain list",
@@ -320,6 +327,14 @@ impl Metrics {
         self.reloads
             .get_or_create(&ResultLabel {
                 result: result.to_owned(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn certificate_key_change(&self, name: &str) {
+        self.key_changes
+            .get_or_create(&NameLabel {
+                name: name.to_owned(),
             })
             .inc();
     }

@@ -329,6 +329,7 @@ async fn reload(
             return reload_failed(cause, &e.to_string());
         }
     };
+    warn_key_changes(&current.store, &next.store);
     drop(current);
     let mut fresh = Vec::new();
     for (name, l) in &next.listeners {
@@ -364,6 +365,20 @@ async fn reload(
     tracing::info!(config = %path.display(), cause, "reloaded");
     for w in crate::check::warnings(&shared.current.load().config) {
         tracing::warn!(warning = %w, "configuration warning");
+    }
+}
+
+/// DANE (RFC 7672): a name whose served key changes breaks every sender that pinned the old
+/// key in a TLSA record, so the change is warned about with both values and counted.
+fn warn_key_changes(old: &crate::tls::CertStore, new: &crate::tls::CertStore) {
+    let before = old.tlsa_by_name();
+    for (name, now) in new.tlsa_by_name() {
+        let Some(was) = before.get(&name) else {
+            continue;
+        };
+        if *was != now {
+            crate::tls::cert::key_changed(&name, &was.join(", "), &now.join(", "), "reload");
+        }
     }
 }
 

@@ -241,3 +241,43 @@ async fn the_proxy_starts_with_kubernetes_service_variables_and_names_them_once(
         "{line}"
     );
 }
+
+/// DANE (RFC 7672): `check` prints the `3 1 1` TLSA value of every certificate it would
+/// serve; the expected digest is computed independently with openssl.
+#[test]
+fn check_prints_the_tlsa_3_1_1_value_of_each_certificate() {
+    let pki = TestPki::new();
+    let ecdsa = pki.server_cert("ecdsa", &["mx.example.test"], false);
+    let rsa = pki.server_cert("rsa", &["mx.example.test"], true);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "upstreams:\n  mta: {{ address: \"127.0.0.1:10025\" }}\ncertificates:\n{}{}listeners:\n  smtp: {{ listen: \"127.0.0.1:0\", mode: starttls, hostname: mx.example.test, upstream: mta }}\n",
+            cert_entry(&ecdsa),
+            cert_entry(&rsa)
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = check(&config, &[]);
+    assert_eq!(code, 0, "{err}");
+    for (index, issued) in [(0, &ecdsa), (1, &rsa)] {
+        let script = format!(
+            "openssl x509 -in {} -pubkey -noout | openssl pkey -pubin -outform DER | sha256sum",
+            issued.cert_path.display()
+        );
+        let digest = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+        let hex = String::from_utf8(digest.stdout).unwrap();
+        let hex = hex.split_whitespace().next().unwrap();
+        assert_eq!(hex.len(), 64);
+        let line = out
+            .lines()
+            .find(|l| l.starts_with(&format!("certificate {index}:")))
+            .unwrap();
+        assert!(
+            line.ends_with(&format!("TLSA 3 1 1 {hex}")),
+            "{line}\nwant {hex}"
+        );
+    }
+}

@@ -275,3 +275,47 @@ async fn resumption_survives_a_sighup_that_changes_nothing_for_tls_1_2_and_1_3()
         "client_cert changed: no TLS 1.3 resumption"
     );
 }
+
+/// DANE: a reload that changes the key served for a name warns with the old and new TLSA
+/// values and counts it; a renewal that keeps the key (new certificate, same key) does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_change_on_reload_is_warned_with_both_tlsa_values_and_a_kept_key_is_not() {
+    let s = start("");
+    let changes = || async {
+        Scrape::get(s.proxy.metrics_addr()).await.value(
+            "smtp_proxy_certificate_key_changes_total",
+            &[("name", "mail.example.test")],
+        )
+    };
+    let old = std::fs::read(&s.cert).unwrap();
+    // Same key, new certificate: a DANE-safe renewal.
+    let renewed = s
+        .pki
+        .renewed_server_cert("renewed", &["mail.example.test"], &s.key);
+    std::fs::rename(&renewed.cert_path, &s.cert).unwrap();
+    s.proxy.wait_reloaded(1).await;
+    assert_ne!(
+        std::fs::read(&s.cert).unwrap(),
+        old,
+        "the certificate did change"
+    );
+    assert_eq!(changes().await, 0.0);
+    assert!(s.proxy.find_log(|v| v["old_tlsa"].is_string()).is_none());
+    // A new key.
+    let next = s.pki.server_cert("next", &["mail.example.test"], false);
+    std::fs::rename(&next.key_path, &s.key).unwrap();
+    std::fs::rename(&next.cert_path, &s.cert).unwrap();
+    let warned = s
+        .proxy
+        .wait_for_log(|v| v["name"] == "mail.example.test" && v["new_tlsa"].is_string())
+        .await;
+    let tlsa = |der: &[u8]| {
+        use x509_parser::prelude::FromDer;
+        let (_, x) = x509_parser::prelude::X509Certificate::from_der(der).unwrap();
+        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, x.public_key().raw);
+        format!("3 1 1 {}", hex(d.as_ref()))
+    };
+    assert_eq!(warned["old_tlsa"], tlsa(renewed.chain[0].as_ref()));
+    assert_eq!(warned["new_tlsa"], tlsa(next.chain[0].as_ref()));
+    assert_eq!(changes().await, 1.0);
+}

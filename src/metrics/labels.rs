@@ -71,3 +71,8 @@ pub(crate) struct AcmeLabels {
 pub(crate) struct DomainsLabel {
     pub domains: String,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct NameLabel {
+    pub(crate) name: String,
+}

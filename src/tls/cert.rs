@@ -64,6 +64,18 @@ pub struct ServedCert {
     pub spki_sha256: [u8; 32],
 }
 
+/// Logs and counts a change of the key served for `name` (`how`: `reload` or `renewal`).
+pub(crate) fn key_changed(name: &str, old_tlsa: &str, new_tlsa: &str, how: &'static str) {
+    tracing::warn!(
+        name,
+        old_tlsa,
+        new_tlsa,
+        cause = how,
+        "the key served for this name changed: update its TLSA record (DANE senders defer mail until it matches)"
+    );
+    crate::metrics::metrics().certificate_key_change(name);
+}
+
 impl ServedCert {
     /// The TLSA record data for this key, `3 1 1 <hex>` (DANE-EE, SPKI, SHA-256).
     pub fn tlsa(&self) -> String {

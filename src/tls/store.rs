@@ -122,6 +122,22 @@ impl CertStore {
         &self.acme_slots
     }
 
+    /// For each name the file and self-signed certificates serve, the TLSA values of its
+    /// keys (sorted); what a reload compares to warn about a key change.
+    pub(crate) fn tlsa_by_name(&self) -> std::collections::BTreeMap<String, Vec<String>> {
+        let mut out: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+        for c in &self.all {
+            for n in &c.names {
+                out.entry(n.clone()).or_default().push(c.tlsa());
+            }
+        }
+        for v in out.values_mut() {
+            v.sort();
+            v.dedup();
+        }
+        out
+    }
+
     /// Replaces the certificate expiry gauges with this store's certificates.
     pub fn publish_expiry(&self) {
         let issued: Vec<Arc<ServedCert>> =

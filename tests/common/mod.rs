@@ -128,6 +128,17 @@ impl TestPki {
         self.write(file, cert, key)
     }
 
+    /// A new certificate for `names` on the key in `key_path`: a renewal that keeps the key.
+    pub fn renewed_server_cert(&self, file: &str, names: &[&str], key_path: &Path) -> Issued {
+        let key = KeyPair::from_pem(&std::fs::read_to_string(key_path).unwrap()).unwrap();
+        let mut params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params.distinguished_name.push(DnType::CommonName, names[0]);
+        let cert = params.signed_by(&key, &self.server_ca).unwrap();
+        self.write(file, cert, key)
+    }
+
     /// A server certificate from the server CA that expired in 2021.
     pub fn expired_server_cert(&self, file: &str, names: &[&str]) -> Issued {
         let key = KeyPair::generate().unwrap();

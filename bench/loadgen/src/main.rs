@@ -255,16 +255,30 @@ impl ServerCertVerifier for NoVerify {
 }
 
 /// TLS 1.3, no resumption; X25519 only unless `pq`. The client skips verification: its own
-/// cost is not what is measured.
+/// cost is not what is measured. `LOADGEN_TLS12=aes128|aes256` makes it a TLS 1.2 client
+/// offering only ECDHE-ECDSA with that AES-GCM suite (the cipher-order measurement).
 fn connector(pq: bool) -> TlsConnector {
+    use rustls::crypto::aws_lc_rs::cipher_suite as cs;
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
     if !pq {
         provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::X25519];
     }
+    let tls12 = std::env::var("LOADGEN_TLS12").ok();
+    let versions: &[&rustls::SupportedProtocolVersion] = match tls12.as_deref() {
+        Some("aes128") => {
+            provider.cipher_suites = vec![cs::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256];
+            &[&rustls::version::TLS12]
+        }
+        Some("aes256") => {
+            provider.cipher_suites = vec![cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384];
+            &[&rustls::version::TLS12]
+        }
+        _ => &[&rustls::version::TLS13],
+    };
     let provider = Arc::new(provider);
     let mut config = ClientConfig::builder_with_provider(provider.clone())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .expect("TLS 1.3")
+        .with_protocol_versions(versions)
+        .expect("protocol versions")
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
         .with_no_client_auth();
