@@ -41,6 +41,32 @@ pub fn describe(snapshot: &Snapshot) -> String {
             lc.client_cert,
             if lc.session_tickets { "on" } else { "off" },
         );
+        if !lc.allow.is_empty() || !lc.deny.is_empty() || lc.limits.per_ip_rate.is_some() {
+            let nets = |v: &[ipnet::IpNet]| {
+                if v.is_empty() {
+                    "-".to_owned()
+                } else {
+                    v.iter()
+                        .map(|n| n.to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                }
+            };
+            let _ = writeln!(
+                out,
+                "  edge: allow {}; deny {}; per_ip_rate {}",
+                if lc.allow.is_empty() {
+                    "everyone".to_owned()
+                } else {
+                    nets(&lc.allow)
+                },
+                nets(&lc.deny),
+                lc.limits
+                    .per_ip_rate
+                    .map(|r| r.to_string())
+                    .unwrap_or_else(|| "none".to_owned())
+            );
+        }
         let tls = if up.tls.is_some() { ", TLS" } else { "" };
         let _ = writeln!(
             out,
@@ -71,6 +97,20 @@ pub fn describe(snapshot: &Snapshot) -> String {
                 format!("in {days} days")
             },
             cert.tlsa(),
+        );
+    }
+    if let Some(p) = &c.deny_file {
+        let state = match std::fs::read_to_string(p) {
+            Ok(text) => {
+                let (list, bad) = crate::abuse::parse_deny_file(&text);
+                format!("{} ranges, {} bad lines skipped", list.len(), bad.len())
+            }
+            Err(e) => format!("not readable now ({e}): denies nobody until it is"),
+        };
+        let _ = writeln!(
+            out,
+            "deny_file {}: {state}; checked every second",
+            p.display()
         );
     }
     for w in warnings(c) {

@@ -29,6 +29,8 @@
 //! - [`acme`] — tls-alpn-01 certificates, obtained and renewed while running.
 //! - [`proxy_header`] — PROXY v1/v2 towards the MTA, within Postfix's 536-byte limit;
 //!   `inbound` reads it from trusted load balancers; [`io`]`::Prefixed` replays what followed.
+//! - [`abuse`] — `allow`/`deny`, the polled `deny_file`, `per_ip_rate`: decided on the real
+//!   client address before any TLS work (the session's admission phase).
 //! - [`upstream`] — connect, header, optional TLS, greeting, all under `connect_timeout`.
 //! - [`relay`] — both directions, half-close, idle timeout, byte counts.
 //! - [`health`] — the upstream probe (PROXY v2 LOCAL, greeting); [`http`] serves
@@ -52,6 +54,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub(crate) mod abuse;
 pub mod acme;
 pub mod check;
 pub mod config;

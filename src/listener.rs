@@ -30,6 +30,8 @@ pub(crate) struct Shared {
     pub global: Arc<Counter>,
     /// Global maximum when the config sets none: derived from RLIMIT_NOFILE.
     pub default_max_connections: usize,
+    /// The `deny_file`'s current list (swapped in by `abuse::watch_deny_file`).
+    pub deny_file: crate::abuse::SharedDenyList,
 }
 
 /// Accepts until `stop` (SIGTERM, or a reload that removed or moved this listener); the
@@ -42,6 +44,7 @@ pub(crate) async fn serve(
 ) {
     let count = Arc::new(Counter::default());
     let per_ip = Arc::new(PerIp::default());
+    let rate = Arc::new(crate::abuse::RateLimiter::default());
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -99,6 +102,8 @@ pub(crate) async fn serve(
             global,
             listener_slot,
             per_ip: per_ip.clone(),
+            rate: rate.clone(),
+            deny_file: shared.deny_file.clone(),
             shutdown: shared.shutdown.clone(),
         };
         shared

@@ -165,6 +165,7 @@ pub async fn run(
     let health = Arc::new(Health::default());
     health.sync(&snapshot);
     metrics().reload_results(&ReloadResult::ALL.map(ReloadResult::as_str));
+    publish_series(&snapshot);
     snapshot.store.publish_expiry();
     acme.sync(&acme_specs(&snapshot), &crate::tls::provider());
     let shared = Arc::new(Shared {
@@ -173,7 +174,15 @@ pub async fn run(
         shutdown: CancellationToken::new(),
         global: Arc::default(),
         default_max_connections,
+        deny_file: Arc::default(),
     });
+    let deny_watch = {
+        let current = shared.current.clone();
+        tokio::spawn(crate::abuse::watch_deny_file(
+            shared.deny_file.clone(),
+            move || current.load().config.deny_file.clone(),
+        ))
+    };
     let stop_all = CancellationToken::new();
     let mut running = BTreeMap::new();
     for b in bound {
@@ -234,6 +243,7 @@ pub async fn run(
         "shutting down: no new connections"
     );
     drop(watcher);
+    deny_watch.abort();
     stop_all.cancel();
     for (_, r) in running {
         let _ = r.task.await;
@@ -343,6 +353,7 @@ async fn reload(
     }
     let names: Vec<String> = next.listeners.keys().cloned().collect();
     next.store.publish_expiry();
+    publish_series(&next);
     health.sync(&next);
     acme.sync(&acme_specs(&next), &crate::tls::provider());
     shared.current.store(Arc::new(next));
@@ -365,6 +376,29 @@ async fn reload(
     tracing::info!(config = %path.display(), cause, "reloaded");
     for w in crate::check::warnings(&shared.current.load().config) {
         tracing::warn!(warning = %w, "configuration warning");
+    }
+}
+
+/// Creates at 0 every series whose labels the snapshot and the fixed sets make known
+/// (SPEC "Observability"): here, where snapshot, session, tls and upstream all meet.
+fn publish_series(snapshot: &Snapshot) {
+    let m = metrics();
+    for name in snapshot.upstreams.keys() {
+        m.upstream_series(name, &crate::upstream::UpstreamError::CLASSES);
+    }
+    for (name, l) in &snapshot.listeners {
+        let mode = l.config.client_cert;
+        m.listener_series(
+            name,
+            &crate::metrics::KnownLabels {
+                outcomes: &crate::session::Outcome::KINDS,
+                transports: &crate::session::report::Transport::RELAYED,
+                handshake_failures: &crate::tls::HandshakeFailure::FAILURE_CLASSES,
+                client_cert_mode: (mode != crate::config::ClientCertMode::None)
+                    .then(|| mode.as_str()),
+                client_cert_verify: &crate::tls::client_auth::ClientVerify::CLASSES,
+            },
+        );
     }
 }
 

@@ -120,7 +120,6 @@ pub fn build(
             ),
             None => None,
         };
-        crate::metrics::metrics().upstream_series(name, &crate::upstream::UpstreamError::CLASSES);
         upstreams.insert(
             name.clone(),
             Arc::new(UpstreamRuntime {
@@ -143,17 +142,6 @@ pub fn build(
                 "unknown upstream".into(),
             )
         })?;
-        crate::metrics::metrics().listener_series(
-            name,
-            &crate::metrics::KnownLabels {
-                outcomes: &crate::session::Outcome::KINDS,
-                transports: &crate::session::report::Transport::RELAYED,
-                handshake_failures: &crate::tls::HandshakeFailure::FAILURE_CLASSES,
-                client_cert_mode: (l.client_cert != ClientCertMode::None)
-                    .then(|| l.client_cert.as_str()),
-                client_cert_verify: &crate::tls::client_auth::ClientVerify::CLASSES,
-            },
-        );
         listeners.insert(
             name.clone(),
             Arc::new(ListenerRuntime {

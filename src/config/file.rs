@@ -28,6 +28,10 @@ pub struct FileConfig {
     pub certificates: Vec<CertificateFile>,
     #[serde(default)]
     pub listeners: BTreeMap<String, ListenerFile>,
+    /// One IP or CIDR a line, `#` comments; refused on every listener; re-read when it
+    /// changes, without a reload (fail2ban, CrowdSec).
+    #[serde(default)]
+    pub deny_file: Option<PathBuf>,
 }
 
 fn default_shutdown_grace() -> Duration {
@@ -161,6 +165,12 @@ pub struct ListenerFile {
     pub session_tickets: Option<bool>,
     #[serde(default)]
     pub accept_proxy_protocol: Vec<IpNet>,
+    /// Only these client networks (empty: everyone).
+    #[serde(default)]
+    pub allow: Vec<IpNet>,
+    /// Client networks refused on this listener.
+    #[serde(default)]
+    pub deny: Vec<IpNet>,
     #[serde(default)]
     pub limits: LimitsFile,
 }
@@ -214,6 +224,8 @@ pub struct LimitsFile {
     pub command_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// `"N/duration"`: new connections per client address (`"30/1m"`); none by default.
+    pub per_ip_rate: Option<String>,
 }
 
 impl Default for LimitsFile {
@@ -224,6 +236,7 @@ impl Default for LimitsFile {
             handshake_timeout: Duration::from_secs(10),
             command_timeout: Duration::from_secs(60),
             idle_timeout: Duration::from_secs(600),
+            per_ip_rate: None,
         }
     }
 }

@@ -14,7 +14,7 @@ use figment::providers::{Env, Format};
 
 pub use file::{ClientCertMode, LogFormat, Mode, ProxyVersion, UnknownSni};
 pub use validate::{
-    AcmeSpec, CertificateSource, Config, Limits, ListenerConfig, LogConfig, UpstreamConfig,
+    AcmeSpec, CertificateSource, Config, Limits, ListenerConfig, LogConfig, Rate, UpstreamConfig,
     UpstreamTls,
 };
 

@@ -29,6 +29,8 @@ pub struct Config {
     pub upstreams: BTreeMap<String, Arc<UpstreamConfig>>,
     pub certificates: Vec<CertificateSource>,
     pub listeners: BTreeMap<String, ListenerConfig>,
+    /// Refused on every listener; re-read on change (`abuse::DenyFile`).
+    pub deny_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -100,6 +102,9 @@ pub struct ListenerConfig {
     pub require_starttls: bool,
     pub session_tickets: bool,
     pub accept_proxy_protocol: Vec<IpNet>,
+    /// Only these client networks; empty: everyone.
+    pub allow: Vec<IpNet>,
+    pub deny: Vec<IpNet>,
     pub limits: Limits,
 }
 
@@ -110,6 +115,34 @@ pub struct Limits {
     pub handshake_timeout: Duration,
     pub command_timeout: Duration,
     pub idle_timeout: Duration,
+    pub per_ip_rate: Option<Rate>,
+}
+
+/// `limits.per_ip_rate`: at most `count` new connections per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.count, humantime::format_duration(self.per))
+    }
+}
+
+/// `"N/duration"` (`"30/1m"`, `"5/10s"`).
+fn rate(text: &str) -> Result<Rate, String> {
+    let bad = || format!("{text:?}: expected \"N/duration\", e.g. \"30/1m\"");
+    let (n, d) = text.split_once('/').ok_or_else(bad)?;
+    let count: u32 = n.trim().parse().map_err(|_| bad())?;
+    let per = humantime::parse_duration(d.trim()).map_err(|_| bad())?;
+    if count == 0 || per.is_zero() {
+        return Err(format!(
+            "{text:?}: both N and the duration must be greater than zero"
+        ));
+    }
+    Ok(Rate { count, per })
 }
 
 pub(super) fn validate(path: &Path, file: FileConfig) -> Result<Config, ConfigError> {
@@ -165,6 +198,7 @@ pub(super) fn validate(path: &Path, file: FileConfig) -> Result<Config, ConfigEr
         upstreams,
         certificates,
         listeners,
+        deny_file: file.deny_file,
     })
 }
 
@@ -263,6 +297,8 @@ fn listener(
         require_starttls: l.require_starttls,
         session_tickets: l.session_tickets.unwrap_or(l.mode == Mode::Implicit),
         accept_proxy_protocol: l.accept_proxy_protocol,
+        allow: l.allow,
+        deny: l.deny,
         limits,
     })
 }
@@ -289,6 +325,10 @@ fn limits(l: &LimitsFile) -> Result<Limits, KeyedError> {
         handshake_timeout: l.handshake_timeout,
         command_timeout: l.command_timeout,
         idle_timeout: l.idle_timeout,
+        per_ip_rate: match &l.per_ip_rate {
+            Some(r) => Some(rate(r).map_err(|e| ("per_ip_rate".to_owned(), e))?),
+            None => None,
+        },
     })
 }
 

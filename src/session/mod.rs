@@ -59,6 +59,9 @@ pub(crate) struct Accepted {
     pub global: Slot,
     pub listener_slot: Slot,
     pub per_ip: Arc<PerIp>,
+    /// This listener's `per_ip_rate` buckets.
+    pub rate: Arc<crate::abuse::RateLimiter>,
+    pub deny_file: crate::abuse::SharedDenyList,
     /// Cancelled by SIGTERM: sessions still in the pre-TLS dialogue get `421 4.3.0`.
     pub shutdown: CancellationToken,
 }
@@ -67,19 +70,23 @@ pub(crate) struct Accepted {
 pub(crate) async fn run(a: Accepted) {
     let _ = a.tcp.set_nodelay(true);
     let active = Active::start(a.listener.counters.active());
-    let report = serve(
-        a.tcp,
-        a.listener,
-        a.peer,
-        a.session_id,
-        &a.per_ip,
-        &a.shutdown,
-    )
-    .await;
+    let gate = Gate {
+        per_ip: &a.per_ip,
+        rate: &a.rate,
+        deny_file: &a.deny_file,
+    };
+    let report = serve(a.tcp, a.listener, a.peer, a.session_id, &gate, &a.shutdown).await;
     // Slots are free (and sockets closed) before the line is out: whoever reads the log
     // may rely on it.
     drop((a.global, a.listener_slot, active));
     report.emit();
+}
+
+/// What admits a client: its listener's per-IP counts and rate buckets, the deny file.
+pub(crate) struct Gate<'a> {
+    pub(crate) per_ip: &'a Arc<PerIp>,
+    pub(crate) rate: &'a crate::abuse::RateLimiter,
+    pub(crate) deny_file: &'a crate::abuse::SharedDenyList,
 }
 
 /// A session over any stream, from its first byte to its report (not emitted): the phases
@@ -89,7 +96,7 @@ pub(crate) async fn serve<S>(
     listener: Arc<ListenerRuntime>,
     peer: Peer,
     session_id: String,
-    per_ip: &Arc<PerIp>,
+    gate: &Gate<'_>,
     shutdown: &CancellationToken,
 ) -> SessionReport
 where
@@ -97,7 +104,7 @@ where
 {
     let session = Session::new(io, Facts::new(session_id, listener, peer));
     let mut ip_slot = None;
-    let finished = match phases(session, per_ip, &mut ip_slot, shutdown).await {
+    let finished = match phases(session, gate, &mut ip_slot, shutdown).await {
         Ok(f) | Err(f) => f,
     };
     // Boxed: the closing write's state is not part of every session's task.
@@ -109,7 +116,7 @@ where
 /// The phases in order; `Err` is a session that ended early.
 async fn phases<S>(
     session: Session<S>,
-    per_ip: &Arc<PerIp>,
+    gate: &Gate<'_>,
     ip_slot: &mut Option<IpSlot>,
     shutdown: &CancellationToken,
 ) -> Result<Finished, Finished>
@@ -117,7 +124,7 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let session = Box::pin(session.read_proxy_header()).await?;
-    let (session, slot) = session.admit(per_ip)?;
+    let (session, slot) = session.admit(gate)?;
     *ip_slot = Some(slot);
     Ok(match session.listener().config.mode {
         Mode::Implicit => Box::pin(implicit::run(session)).await?,

@@ -11,7 +11,7 @@ use tokio_rustls::server::TlsStream;
 use super::report::{Facts, LimitKind, Outcome, Phase, SessionReport, Transport};
 use super::{trusted_balancer, write_reply};
 use crate::io::Prefixed;
-use crate::limits::{IpSlot, PerIp};
+use crate::limits::IpSlot;
 use crate::proxy_header::inbound;
 use crate::relay::{self, RelayEnd};
 use crate::smtp::reply;
@@ -160,23 +160,43 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         })
     }
 
-    /// The per-IP slot of the real client address; over `limits.per_ip`, `421 4.7.0` on
-    /// STARTTLS listeners and a bare close on implicit ones.
-    pub(crate) fn admit(self, per_ip: &Arc<PerIp>) -> Result<(Session<S>, IpSlot), Finished> {
+    /// Admission, on the real client address and before any TLS work or upstream contact:
+    /// the listener's `allow`/`deny`, the deny file, `per_ip_rate`, then the per-IP slot.
+    /// A refused client on a STARTTLS listener gets `554 5.7.1` (denied) or `421 4.7.0`
+    /// (a limit) as its greeting; on an implicit listener the connection is just closed.
+    pub(crate) fn admit(self, gate: &super::Gate<'_>) -> Result<(Session<S>, IpSlot), Finished> {
         let l = &self.facts.listener.config;
-        match per_ip.try_acquire(self.facts.peer.client.ip(), l.limits.per_ip) {
-            Some(slot) => Ok((self, slot)),
-            None => {
-                let outcome = Outcome::Limit(LimitKind::PerIp);
-                let ended = match l.mode {
-                    crate::config::Mode::Starttls => {
-                        Ended::replying(outcome, reply::too_many_connections(&l.hostname))
-                    }
-                    crate::config::Mode::Implicit => Ended::silent(outcome),
-                };
-                Err(self.end(ended))
-            }
-        }
+        let ip = self.facts.peer.client.ip();
+        let denied = crate::abuse::listener_verdict(l, ip).or_else(|| {
+            gate.deny_file
+                .load()
+                .contains(ip)
+                .then_some(crate::abuse::DenyReason::DenyFile)
+        });
+        let rate_ok = || {
+            l.limits
+                .per_ip_rate
+                .is_none_or(|r| gate.rate.allow(ip, r, std::time::Instant::now()))
+        };
+        let (outcome, greeting) = match denied {
+            Some(reason) => (Outcome::Denied(reason), reply::access_denied(&l.hostname)),
+            None if !rate_ok() => (
+                Outcome::Limit(LimitKind::PerIpRate),
+                reply::too_many_connections(&l.hostname),
+            ),
+            None => match gate.per_ip.try_acquire(ip, l.limits.per_ip) {
+                Some(slot) => return Ok((self, slot)),
+                None => (
+                    Outcome::Limit(LimitKind::PerIp),
+                    reply::too_many_connections(&l.hostname),
+                ),
+            },
+        };
+        let ended = match l.mode {
+            crate::config::Mode::Starttls => Ended::replying(outcome, greeting),
+            crate::config::Mode::Implicit => Ended::silent(outcome),
+        };
+        Err(self.end(ended))
     }
 
     /// The server handshake under `handshake_timeout`; the TLS facts join the session's.

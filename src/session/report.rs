@@ -29,6 +29,8 @@ pub(crate) enum Outcome {
     Reset,
     /// A limit refused the session.
     Limit(LimitKind),
+    /// Refused before anything else: `allow`/`deny` or the deny file.
+    Denied(crate::abuse::DenyReason),
     /// SIGTERM ended the session.
     Shutdown,
     /// The client broke the protocol badly enough to be disconnected.
@@ -67,6 +69,8 @@ pub(crate) enum LimitKind {
     ListenerMaxConnections,
     /// `limits.per_ip`.
     PerIp,
+    /// `limits.per_ip_rate`.
+    PerIpRate,
 }
 
 impl LimitKind {
@@ -75,13 +79,14 @@ impl LimitKind {
             LimitKind::MaxConnections => "max_connections",
             LimitKind::ListenerMaxConnections => "listener_max_connections",
             LimitKind::PerIp => "per_ip",
+            LimitKind::PerIpRate => "per_ip_rate",
         }
     }
 }
 
 impl Outcome {
     /// Every `kind()` (the `outcome` label), so the series can exist at 0 from the start.
-    pub(crate) const KINDS: [&'static str; 10] = [
+    pub(crate) const KINDS: [&'static str; 11] = [
         "relayed",
         "client_closed",
         "handshake_failed",
@@ -89,6 +94,7 @@ impl Outcome {
         "upstream_failed",
         "reset",
         "limit",
+        "denied",
         "shutdown",
         "protocol_error",
         "acme_challenge",
@@ -103,6 +109,7 @@ impl Outcome {
             Outcome::UpstreamFailed(_) => "upstream_failed",
             Outcome::Reset => "reset",
             Outcome::Limit(_) => "limit",
+            Outcome::Denied(_) => "denied",
             Outcome::Shutdown => "shutdown",
             Outcome::ProtocolError(_) => "protocol_error",
             Outcome::AcmeChallenge(_) => "acme_challenge",
@@ -117,6 +124,7 @@ impl Outcome {
             | Outcome::AcmeChallenge(r) => r,
             Outcome::Timeout(phase) => phase.as_str(),
             Outcome::Limit(kind) => kind.as_str(),
+            Outcome::Denied(why) => why.as_str(),
             _ => "",
         }
     }

@@ -56,12 +56,19 @@ fn start(listener: Arc<ListenerRuntime>) -> (DuplexStream, tokio::task::JoinHand
     };
     let task = tokio::spawn(async move {
         let per_ip = Arc::new(PerIp::default());
+        let rate = crate::abuse::RateLimiter::default();
+        let deny_file = crate::abuse::SharedDenyList::default();
+        let gate = super::Gate {
+            per_ip: &per_ip,
+            rate: &rate,
+            deny_file: &deny_file,
+        };
         serve(
             server,
             listener,
             peer,
             "t".into(),
-            &per_ip,
+            &gate,
             &CancellationToken::new(),
         )
         .await

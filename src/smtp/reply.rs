@@ -111,6 +111,11 @@ pub(crate) fn too_many_connections(hostname: &str) -> Vec<u8> {
     format!("421 4.7.0 {hostname} Too many connections, try again later\r\n").into_bytes()
 }
 
+/// `554 5.7.1` as the greeting: the client is denied (`allow`/`deny`, the deny file).
+pub(crate) fn access_denied(hostname: &str) -> Vec<u8> {
+    format!("554 5.7.1 {hostname} Access denied\r\n").into_bytes()
+}
+
 /// `421 4.3.0`: SIGTERM reached a session still in the pre-TLS dialogue.
 pub(crate) fn shutting_down(hostname: &str) -> Vec<u8> {
     format!("421 4.3.0 {hostname} Service shutting down, try again later\r\n").into_bytes()
