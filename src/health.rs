@@ -95,7 +95,11 @@ async fn probe_loop(health: Arc<Health>, up: Arc<UpstreamRuntime>) {
     }
 }
 
-/// One probe: greeted by a 2xx, then a polite QUIT.
+/// The name the probe gives in its EHLO.
+const PROBE_EHLO: &[u8] = b"EHLO localhost\r\n";
+
+/// One probe: greeted by a 2xx, then EHLO (the keywords a plaintext hand-off can carry are
+/// kept on the upstream, for the honest pre-TLS EHLO), then a polite QUIT.
 pub(crate) async fn probe(up: &UpstreamRuntime) -> Result<(), String> {
     let header = match up.config.proxy_protocol {
         ProxyVersion::V2 => outbound::encode_v2_local(),
@@ -110,6 +114,16 @@ pub(crate) async fn probe(up: &UpstreamRuntime) -> Result<(), String> {
             "greeting {}",
             String::from_utf8_lossy(&conn.greeting).trim_end()
         ));
+    }
+    let ehlo = async {
+        conn.stream.write_all(PROBE_EHLO).await.ok()?;
+        let mut buf = Vec::new();
+        let span = reply::read_reply(&mut conn.stream, &mut buf).await.ok()?;
+        crate::smtp::ehlo::carried_keywords(&buf[..span.len])
+    };
+    // An MTA that greets but does not answer EHLO is still up; its keywords stay unknown.
+    if let Ok(Some(keywords)) = tokio::time::timeout(up.config.connect_timeout, ehlo).await {
+        up.capabilities.store(Some(Arc::new(keywords)));
     }
     let quit = async {
         conn.stream.write_all(b"QUIT\r\n").await?;

@@ -82,6 +82,9 @@ const SESSION_CACHE: usize = 256;
 pub struct UpstreamRuntime {
     pub config: Arc<UpstreamConfig>,
     pub tls: Option<UpstreamTlsClient>,
+    /// The upstream's own EHLO keywords that a plaintext hand-off can carry, learnt by the
+    /// health probe and replaced whole at each success; `None` until a probe succeeded.
+    pub capabilities: arc_swap::ArcSwapOption<Vec<String>>,
 }
 
 /// Reads the config file, stamping it and then every file it names just before anything
@@ -125,6 +128,7 @@ pub fn build(
             Arc::new(UpstreamRuntime {
                 config: up.clone(),
                 tls,
+                capabilities: Default::default(),
             }),
         );
     }

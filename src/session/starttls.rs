@@ -49,11 +49,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     ) -> Result<(Session<S>, Onward), Finished> {
         let cfg = &self.facts.listener.config;
         let (hostname, command_timeout) = (cfg.hostname.clone(), cfg.limits.command_timeout);
-        let mut pre = PreTls::new(Dialogue::new(
-            &hostname,
-            cfg.require_starttls,
-            dialogue::default_capabilities(),
-        ));
+        // Honest pre-TLS EHLO: what the upstream really offers (as its last probe saw it)
+        // among what a plaintext hand-off can carry; the conservative set until then.
+        let capabilities = match self.facts.listener.upstream.capabilities.load_full() {
+            Some(known) => (*known).clone(),
+            None => dialogue::default_capabilities(),
+        };
+        let mut pre = PreTls::new(Dialogue::new(&hostname, cfg.require_starttls, capabilities));
         if write_reply(&mut self.io, &pre.greeting()).await.is_err() {
             return Err(self.end(Ended::silent(Outcome::ClientClosed)));
         }

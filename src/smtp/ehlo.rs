@@ -36,8 +36,79 @@ fn is_starttls_line(line: &[u8]) -> bool {
         .is_some_and(|word| word.eq_ignore_ascii_case(b"STARTTLS"))
 }
 
+/// The extensions the proxy can carry through a plaintext hand-off (it follows commands,
+/// DATA and BDAT byte for byte): offered before TLS when the upstream offers them.
+const CARRIED: [&str; 8] = [
+    "SIZE",
+    "8BITMIME",
+    "SMTPUTF8",
+    "DSN",
+    "ENHANCEDSTATUSCODES",
+    "PIPELINING",
+    "CHUNKING",
+    "BINARYMIME",
+];
+
+/// From the upstream's EHLO reply (one complete 250 reply), the keywords of [`CARRIED`] it
+/// offers, normalised (`SIZE 10240000`; a `SIZE` whose argument is not a number goes bare).
+/// `None` for anything but a multi-line 2xx reply. Never AUTH or STARTTLS: not carried.
+pub(crate) fn carried_keywords(reply: &[u8]) -> Option<Vec<String>> {
+    let text = std::str::from_utf8(reply).ok()?;
+    if !text.starts_with('2') {
+        return None;
+    }
+    let mut out = Vec::new();
+    for line in text.lines().skip(1) {
+        let mut words = line.get(4..).unwrap_or_default().split_ascii_whitespace();
+        let Some(keyword) = words.next().map(str::to_ascii_uppercase) else {
+            continue;
+        };
+        if !CARRIED.contains(&keyword.as_str())
+            || out
+                .iter()
+                .any(|k: &String| k.split(' ').next() == Some(&keyword))
+        {
+            continue;
+        }
+        out.push(match (keyword.as_str(), words.next()) {
+            ("SIZE", Some(n))
+                if !n.is_empty() && n.len() <= 20 && n.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                format!("SIZE {n}")
+            }
+            _ => keyword,
+        });
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_carried_keywords_are_kept_normalised() {
+        let reply =
+            b"250-mx.example\r\n250-PIPELINING\r\n250-SIZE 12345678\r\n250-VRFY\r\n250-ETRN\r\n\
+250-STARTTLS\r\n250-AUTH PLAIN LOGIN\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n\
+250-SMTPUTF8\r\n250 CHUNKING\r\n";
+        assert_eq!(
+            super::carried_keywords(reply).unwrap(),
+            [
+                "PIPELINING",
+                "SIZE 12345678",
+                "ENHANCEDSTATUSCODES",
+                "8BITMIME",
+                "DSN",
+                "SMTPUTF8",
+                "CHUNKING"
+            ]
+        );
+        assert_eq!(
+            super::carried_keywords(b"250-x\r\n250 size junk\r\n").unwrap(),
+            ["SIZE"]
+        );
+        assert_eq!(super::carried_keywords(b"502 no\r\n"), None);
+    }
+
     use super::*;
 
     fn s(b: &[u8]) -> String {

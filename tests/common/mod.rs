@@ -568,6 +568,10 @@ async fn fake_mta_conn(
             let line = String::from_utf8_lossy(&buf[..pos]).into_owned();
             buf.drain(..pos + 2);
             let upper = line.to_ascii_uppercase();
+            // A probe without a PROXY header: greeting, EHLO localhost, QUIT.
+            if index.is_none() && upper == "EHLO LOCALHOST" {
+                probe = true;
+            }
             if !probe && (index.is_some() || upper != "QUIT") {
                 let i = record(shared, index);
                 shared.lock().unwrap()[i].lines.push(line.clone());

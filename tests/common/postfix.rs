@@ -28,6 +28,8 @@ pub struct PostfixOptions {
     /// Cyrus SASL on the PROXY port (`smtpd_sasl_auth_enable`), PLAIN/LOGIN against a private
     /// sasldb holding this (user, password) in realm example.test (Debian's sasl2-bin).
     pub sasl: Option<(String, String)>,
+    /// Extra main.cf lines (e.g. `message_size_limit = 12345678`).
+    pub main_cf_extra: String,
 }
 
 pub struct Postfix {
@@ -113,6 +115,7 @@ impl Postfix {
         if let Some((user, password)) = &opts.sasl {
             main += &sasl_setup(&d, user, password);
         }
+        main += &opts.main_cf_extra;
         write_backdated(&format!("{d}/conf/main.cf"), &main);
 
         let out = Command::new(POSTFIX)
