@@ -11,9 +11,7 @@
 //! call), and every newly issued one is published the moment rustls-acme stores it.
 
 use std::collections::HashMap;
-use std::io;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwapOption;
@@ -21,14 +19,17 @@ use futures_util::StreamExt;
 use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
 use rustls::sign::CertifiedKey;
-use rustls_acme::{AccountCache, AcmeConfig, CertCache, EventOk};
+use rustls_acme::{AcmeConfig, EventOk};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::task::JoinHandle;
 
 use crate::config::AcmeSpec;
+
+mod cache;
 use crate::metrics::{AcmeLabels, CertLabels, DomainsLabel, metrics};
 use crate::tls::cert::{self, ServedCert};
+pub use cache::SecureDirCache;
 
 /// What one `acme` entry serves right now.
 #[derive(Debug)]
@@ -74,12 +75,13 @@ impl AcmeSlot {
             certified,
             format!("acme:{}", self.spec.directory),
         )?);
-        if let Some(previous) = self.issued.load_full()
-            && previous.spki_sha256 != served.spki_sha256
-        {
-            for name in &served.names {
-                cert::key_changed(name, &previous.tlsa(), &served.tlsa(), "renewal");
-            }
+        let previous = self
+            .issued
+            .load_full()
+            .filter(|p| p.spki_sha256 != served.spki_sha256);
+        for name in previous.iter().flat_map(|_| &served.names) {
+            let old = previous.as_ref().map(|p| p.tlsa()).unwrap_or_default();
+            cert::key_changed(name, &old, &served.tlsa(), "renewal");
         }
         self.issued.store(Some(served.clone()));
         metrics()
@@ -288,118 +290,4 @@ fn event(slot: &AcmeSlot, event: &str) {
             event: event.to_owned(),
         })
         .inc();
-}
-
-/// rustls-acme's cache, written safely (see the module comment).
-pub struct SecureDirCache {
-    dir: PathBuf,
-    slot: Arc<AcmeSlot>,
-    provider: Arc<CryptoProvider>,
-}
-
-impl SecureDirCache {
-    fn new(dir: &Path, slot: Arc<AcmeSlot>, provider: Arc<CryptoProvider>) -> Self {
-        SecureDirCache {
-            dir: dir.to_path_buf(),
-            slot,
-            provider,
-        }
-    }
-
-    fn name(kind: &str, parts: &[String], directory: &str) -> String {
-        let mut input = parts.join("\n");
-        input.push('\0');
-        input.push_str(directory);
-        let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, input.as_bytes());
-        let hex: String = digest.as_ref()[..12]
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("{kind}-{hex}.pem")
-    }
-
-    fn cert_file(&self, domains: &[String], directory: &str) -> PathBuf {
-        self.dir.join(Self::name("cert", domains, directory))
-    }
-
-    fn account_file(&self, contact: &[String], directory: &str) -> PathBuf {
-        self.dir.join(Self::name("account", contact, directory))
-    }
-
-    fn read(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
-        match std::fs::read(path) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(e),
-        }
-    }
-
-    /// 0700 directory, 0600 temporary file, fsync, rename over the old file.
-    fn write(&self, path: &Path, contents: &[u8]) -> io::Result<()> {
-        use std::io::Write as _;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.dir)?;
-        std::fs::set_permissions(&self.dir, std::fs::Permissions::from_mode(0o700))?;
-        let tmp = path.with_extension("tmp");
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        f.write_all(contents)?;
-        f.sync_all()?;
-        drop(f);
-        std::fs::rename(&tmp, path)
-    }
-}
-
-#[async_trait::async_trait]
-impl CertCache for SecureDirCache {
-    type EC = io::Error;
-
-    async fn load_cert(
-        &self,
-        domains: &[String],
-        directory_url: &str,
-    ) -> Result<Option<Vec<u8>>, io::Error> {
-        self.read(&self.cert_file(domains, directory_url))
-    }
-
-    async fn store_cert(
-        &self,
-        domains: &[String],
-        directory_url: &str,
-        cert: &[u8],
-    ) -> Result<(), io::Error> {
-        // Serve first: a full disk must not keep a fresh certificate off the wire.
-        if let Err(e) = self.slot.publish(cert, &self.provider) {
-            tracing::error!(domains = %self.slot.label(), error = %e, "acme: the issued certificate is unusable");
-        }
-        self.write(&self.cert_file(domains, directory_url), cert)
-    }
-}
-
-#[async_trait::async_trait]
-impl AccountCache for SecureDirCache {
-    type EA = io::Error;
-
-    async fn load_account(
-        &self,
-        contact: &[String],
-        directory_url: &str,
-    ) -> Result<Option<Vec<u8>>, io::Error> {
-        self.read(&self.account_file(contact, directory_url))
-    }
-
-    async fn store_account(
-        &self,
-        contact: &[String],
-        directory_url: &str,
-        account: &[u8],
-    ) -> Result<(), io::Error> {
-        self.write(&self.account_file(contact, directory_url), account)
-    }
 }

@@ -1,0 +1,188 @@
+//! Reload: load, validate and build the new snapshot, bind what is new, swap, unbind what is
+//! gone; plus what a new snapshot publishes (zero series, key-change warnings).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use super::{Running, bind_one, start};
+use crate::acme::AcmeManager;
+use crate::config::{AcmeSpec, CertificateSource};
+use crate::health::Health;
+use crate::listener::Shared;
+use crate::metrics::metrics;
+use crate::snapshot::{self, Snapshot};
+use crate::watch::{self, FileWatcher};
+
+/// How a reload ended (the `result` label of `smtp_proxy_reloads_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum ReloadResult {
+    Ok,
+    Failed,
+}
+
+impl ReloadResult {
+    pub(super) const ALL: [ReloadResult; 2] = [ReloadResult::Ok, ReloadResult::Failed];
+
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            ReloadResult::Ok => "ok",
+            ReloadResult::Failed => "failed",
+        }
+    }
+}
+
+/// What asked for a reload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Cause {
+    /// An explicit request (`systemctl reload`): always reloads.
+    Sighup,
+    /// The watcher saw a change; skipped when no file the snapshot read has changed.
+    FileChange,
+}
+
+impl Cause {
+    fn as_str(self) -> &'static str {
+        match self {
+            Cause::Sighup => "SIGHUP",
+            Cause::FileChange => "file change",
+        }
+    }
+}
+
+/// Load + validate + build + bind what is new, then swap and unbind what is gone. On any
+/// error the old snapshot and every old listener keep serving.
+pub(super) async fn reload(
+    shared: &Arc<Shared>,
+    health: &Arc<Health>,
+    acme: &AcmeManager,
+    stop_all: &CancellationToken,
+    running: &mut BTreeMap<String, Running>,
+    watcher: Option<&mut FileWatcher>,
+    cause: Cause,
+) {
+    let current = shared.current.load_full();
+    let path = current.config.path.clone();
+    if cause == Cause::FileChange && current.files.unchanged() {
+        // Defence in depth behind the event filter: nothing the snapshot read has changed.
+        tracing::debug!(config = %path.display(), "files unchanged; reload skipped");
+        return;
+    }
+    let cause = cause.as_str();
+    let (config, files) = match snapshot::read_config(&path) {
+        Ok(c) => c,
+        Err(e) => return reload_failed(cause, &e.to_string()),
+    };
+    if let Some(w) = watcher {
+        // Also the new config's files: a certificate path that does not exist yet is
+        // picked up as soon as it appears.
+        let mut watched = watch::files_of(&config);
+        watched.extend(watch::files_of(&current.config));
+        w.watch(watched);
+    }
+    let next = match snapshot::build((config, files), acme, Some(&current)) {
+        Ok(n) => n,
+        Err(e) => {
+            // Forget ACME entries the failed config created; keep the running ones.
+            acme.sync(&acme_specs(&current), &crate::tls::provider());
+            return reload_failed(cause, &e.to_string());
+        }
+    };
+    warn_key_changes(&current.store, &next.store);
+    drop(current);
+    let mut fresh = Vec::new();
+    for (name, l) in &next.listeners {
+        if running.get(name).map(|r| r.listen) == Some(l.config.listen) {
+            continue;
+        }
+        match bind_one(&next, name, l.config.listen) {
+            Ok(b) => fresh.push((b, l.config.listen)),
+            Err(e) => return reload_failed(cause, &e),
+        }
+    }
+    let names: Vec<String> = next.listeners.keys().cloned().collect();
+    next.store.publish_expiry();
+    publish_series(&next);
+    health.sync(&next);
+    acme.sync(&acme_specs(&next), &crate::tls::provider());
+    shared.current.store(Arc::new(next));
+    let gone: Vec<String> = running
+        .iter()
+        .filter(|(name, _)| !names.contains(name) || fresh.iter().any(|(b, _)| &b.name == *name))
+        .map(|(name, _)| name.clone())
+        .collect();
+    for name in gone {
+        if let Some(r) = running.remove(&name) {
+            r.stop.cancel();
+            let _ = r.task.await;
+            tracing::info!(listener = %name, address = %r.addr, "stopped listening; its sessions carry on");
+        }
+    }
+    for (b, listen) in fresh {
+        running.insert(b.name.clone(), start(shared, stop_all, b, listen));
+    }
+    metrics().reload(ReloadResult::Ok.as_str());
+    tracing::info!(config = %path.display(), cause, "reloaded");
+    for w in crate::check::warnings(&shared.current.load().config) {
+        tracing::warn!(warning = %w, "configuration warning");
+    }
+}
+
+/// Creates at 0 every series whose labels the snapshot and the fixed sets make known
+/// (SPEC "Observability"): here, where snapshot, session, tls and upstream all meet.
+pub(super) fn publish_series(snapshot: &Snapshot) {
+    let m = metrics();
+    for name in snapshot.upstreams.keys() {
+        m.upstream_series(name, &crate::upstream::UpstreamError::CLASSES);
+    }
+    for (name, l) in &snapshot.listeners {
+        let mode = l.config.client_cert;
+        m.listener_series(
+            name,
+            &crate::metrics::KnownLabels {
+                outcomes: &crate::session::Outcome::KINDS,
+                transports: &crate::session::report::Transport::RELAYED,
+                handshake_failures: &crate::tls::HandshakeFailure::FAILURE_CLASSES,
+                client_cert_mode: (mode != crate::config::ClientCertMode::None)
+                    .then(|| mode.as_str()),
+                client_cert_verify: &crate::tls::client_auth::ClientVerify::CLASSES,
+            },
+        );
+    }
+}
+
+/// DANE (RFC 7672): a name whose served key changes breaks every sender that pinned the old
+/// key in a TLSA record, so the change is warned about with both values and counted.
+fn warn_key_changes(old: &crate::tls::CertStore, new: &crate::tls::CertStore) {
+    let before = old.tlsa_by_name();
+    for (name, now) in new.tlsa_by_name() {
+        let Some(was) = before.get(&name) else {
+            continue;
+        };
+        if *was != now {
+            crate::tls::cert::key_changed(&name, &was.join(", "), &now.join(", "), "reload");
+        }
+    }
+}
+
+/// The `acme` entries of a snapshot's config.
+pub(super) fn acme_specs(s: &Snapshot) -> Vec<AcmeSpec> {
+    s.config
+        .certificates
+        .iter()
+        .filter_map(|c| match c {
+            CertificateSource::Acme { spec, .. } => Some(spec.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn reload_failed(cause: &str, error: &str) {
+    metrics().reload(ReloadResult::Failed.as_str());
+    tracing::error!(
+        cause,
+        error,
+        "reload failed; keeping the previous configuration"
+    );
+}
