@@ -12,31 +12,24 @@ use std::time::Duration;
 
 use common::postfix::{Postfix, PostfixOptions};
 use common::*;
+use serde_json::json;
 
 const PF_WAIT: Duration = Duration::from_secs(20);
 
-fn config(pf: &Postfix, cert: &Issued, deny_file: &std::path::Path) -> String {
-    format!(
-        r#"
-log: {{ format: json }}
-metrics: {{ listen: "127.0.0.1:0" }}
-deny_file: {}
-upstreams:
-  mta: {{ address: "{}", connect_timeout: 3s }}
-certificates:
-  - cert: {}
-    key: {}
-listeners:
-  smtp: {{ listen: "127.0.0.1:0", mode: starttls, hostname: mx.example.test, upstream: mta,
-          deny: ["127.0.0.9/32"], limits: {{ per_ip_rate: "2/1m" }} }}
-  submissions: {{ listen: "127.0.0.1:0", mode: implicit, hostname: mx.example.test, upstream: mta,
-                 allow: ["127.0.0.0/28"] }}
-"#,
-        deny_file.display(),
-        pf.proxy_addr(),
-        cert.cert_path.display(),
-        cert.key_path.display()
-    )
+fn config(pf: &Postfix, cert: &Issued, deny_file: &std::path::Path) -> TestConfig {
+    TestConfig::new(pf.proxy_addr())
+        .top(json!({ "metrics": { "listen": "127.0.0.1:0" }, "deny_file": deny_file }))
+        .certificate(cert)
+        .starttls(
+            "smtp",
+            "mx.example.test",
+            json!({ "deny": ["127.0.0.9/32"], "limits": { "per_ip_rate": "2/1m" } }),
+        )
+        .implicit(
+            "submissions",
+            "mx.example.test",
+            json!({ "allow": ["127.0.0.0/28"] }),
+        )
 }
 
 /// Connects from `ip` and returns the first reply (or "" when closed without one).
@@ -72,7 +65,7 @@ async fn refused_clients_get_their_replies_and_never_reach_postfix() {
     let dir = tempfile::tempdir().unwrap();
     let deny_file = dir.path().join("denied");
     std::fs::write(&deny_file, "# fail2ban writes here\n").unwrap();
-    let proxy = spawn_proxy(&config(&pf, &mx, &deny_file));
+    let proxy = config(&pf, &mx, &deny_file).spawn();
     let (smtp, smtps) = (proxy.addr("smtp"), proxy.addr("submissions"));
 
     // Listener deny on a STARTTLS listener: 554 as the greeting, then close.

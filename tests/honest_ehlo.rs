@@ -13,15 +13,15 @@ use std::time::Duration;
 
 use common::postfix::{Postfix, PostfixOptions};
 use common::*;
+use serde_json::json;
 
 const PF_WAIT: Duration = Duration::from_secs(20);
 
-fn config(upstream: SocketAddr) -> String {
-    format!(
-        "log: {{ format: json }}\nupstreams:\n  mta: {{ address: \"{upstream}\", connect_timeout: 2s, health_interval: 1s }}\n\
-         certificates:\n  - self_signed: [mx.example.test]\n\
-         listeners:\n  smtp: {{ listen: \"127.0.0.1:0\", mode: starttls, hostname: mx.example.test, upstream: mta }}\n"
-    )
+fn config(upstream: SocketAddr) -> TestConfig {
+    TestConfig::new(upstream)
+        .upstream(json!({ "connect_timeout": "2s", "health_interval": "1s" }))
+        .self_signed(&["mx.example.test"])
+        .starttls("smtp", "mx.example.test", json!({}))
 }
 
 async fn pre_tls_ehlo(proxy: &RunningProxy) -> (Smtp<tokio::net::TcpStream>, Vec<String>) {
@@ -47,7 +47,7 @@ fn postfix(extra: &str) -> Postfix {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_pre_tls_ehlo_carries_the_upstreams_real_size_smtputf8_dsn_and_chunking() {
     let pf = postfix("message_size_limit = 12345678\nsmtputf8_enable = yes\n");
-    let proxy = spawn_proxy(&config(pf.proxy_addr()));
+    let proxy = config(pf.proxy_addr()).spawn();
     proxy
         .wait_for_log(|v| v["message"] == "upstream healthy")
         .await;
@@ -114,7 +114,7 @@ async fn the_pre_tls_ehlo_carries_the_upstreams_real_size_smtputf8_dsn_and_chunk
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postfix_without_smtputf8_and_a_smaller_size_is_described_as_it_is() {
     let pf = postfix("message_size_limit = 5000000\nsmtputf8_enable = no\n");
-    let proxy = spawn_proxy(&config(pf.proxy_addr()));
+    let proxy = config(pf.proxy_addr()).spawn();
     proxy
         .wait_for_log(|v| v["message"] == "upstream healthy")
         .await;
@@ -125,7 +125,7 @@ async fn a_postfix_without_smtputf8_and_a_smaller_size_is_described_as_it_is() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn until_a_probe_succeeds_the_conservative_set_is_offered() {
-    let proxy = spawn_proxy(&config("127.0.0.1:9".parse().unwrap()));
+    let proxy = config("127.0.0.1:9".parse().unwrap()).spawn();
     let (_, keywords) = pre_tls_ehlo(&proxy).await;
     assert_eq!(
         keywords,

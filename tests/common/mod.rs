@@ -910,6 +910,82 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// A proxy config built as data: JSON is YAML, so the proxy reads `to_string()` unchanged,
+/// and a test says what it sets instead of indenting strings. Listeners listen on
+/// 127.0.0.1:0 and use the upstream `mta` unless told otherwise.
+///
+/// ```ignore
+/// TestConfig::new(pf.proxy_addr())
+///     .self_signed(&["mx.example.test"])
+///     .starttls("smtp", "mx.example.test", json!({ "deny": ["127.0.0.9/32"] }))
+///     .write_and_spawn()
+/// ```
+#[derive(Debug, Clone)]
+pub struct TestConfig(pub Value);
+
+impl TestConfig {
+    pub fn new(upstream: SocketAddr) -> TestConfig {
+        TestConfig(serde_json::json!({
+            "log": { "format": "json" },
+            "upstreams": { "mta": { "address": upstream.to_string(), "connect_timeout": "3s" } },
+            "certificates": [],
+            "listeners": {},
+        }))
+    }
+
+    /// Merges `extra` into the top level (e.g. `{"metrics": {"listen": "127.0.0.1:0"}}`).
+    pub fn top(mut self, extra: Value) -> TestConfig {
+        for (k, v) in extra.as_object().unwrap() {
+            self.0[k] = v.clone();
+        }
+        self
+    }
+
+    /// Merges `extra` into upstream `mta` (e.g. `{"health_interval": "1s"}`).
+    pub fn upstream(mut self, extra: Value) -> TestConfig {
+        for (k, v) in extra.as_object().unwrap() {
+            self.0["upstreams"]["mta"][k] = v.clone();
+        }
+        self
+    }
+
+    pub fn certificate(mut self, c: &Issued) -> TestConfig {
+        let entry = serde_json::json!({ "cert": c.cert_path, "key": c.key_path });
+        self.0["certificates"].as_array_mut().unwrap().push(entry);
+        self
+    }
+
+    pub fn self_signed(mut self, names: &[&str]) -> TestConfig {
+        let entry = serde_json::json!({ "self_signed": names });
+        self.0["certificates"].as_array_mut().unwrap().push(entry);
+        self
+    }
+
+    fn listener(mut self, name: &str, mode: &str, hostname: &str, extra: Value) -> TestConfig {
+        let mut l = serde_json::json!({
+            "listen": "127.0.0.1:0", "mode": mode, "hostname": hostname, "upstream": "mta",
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            l[k] = v.clone();
+        }
+        self.0["listeners"][name] = l;
+        self
+    }
+
+    pub fn starttls(self, name: &str, hostname: &str, extra: Value) -> TestConfig {
+        self.listener(name, "starttls", hostname, extra)
+    }
+
+    pub fn implicit(self, name: &str, hostname: &str, extra: Value) -> TestConfig {
+        self.listener(name, "implicit", hostname, extra)
+    }
+
+    /// Starts the proxy on this config (see `spawn_proxy`).
+    pub fn spawn(&self) -> RunningProxy {
+        spawn_proxy(&self.0.to_string())
+    }
+}
+
 /// A proxy config with one fake-MTA upstream, the given certificate entries and listeners.
 pub fn yaml(
     upstream: SocketAddr,
