@@ -147,11 +147,13 @@ pub fn load_str(path: &Path, yaml: &str) -> Result<Config, ConfigError> {
 }
 
 /// YAML text that figment reports as the file `path`, as `Yaml::file_exact` would.
+#[cfg(any(test, feature = "fuzzing"))]
 struct YamlText<'a> {
     path: &'a Path,
     yaml: &'a str,
 }
 
+#[cfg(any(test, feature = "fuzzing"))]
 impl figment::Provider for YamlText<'_> {
     fn metadata(&self) -> figment::Metadata {
         figment::Metadata::from("YAML file", self.path)

@@ -70,6 +70,7 @@ impl LineReader {
         std::mem::take(&mut self.pending)
     }
 
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn buffered(&self) -> usize {
         self.pending.len()
     }
