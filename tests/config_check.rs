@@ -281,3 +281,33 @@ fn check_prints_the_tlsa_3_1_1_value_of_each_certificate() {
         );
     }
 }
+
+/// `check` prints the abuse-control settings it will apply.
+#[test]
+fn check_prints_the_edge_settings_and_the_deny_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let deny = dir.path().join("denied");
+    std::fs::write(&deny, "192.0.2.0/24\nbogus\n").unwrap();
+    let config = dir.path().join("proxy.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "deny_file: {}\nupstreams:\n  mta: {{ address: \"127.0.0.1:10025\" }}\ncertificates:\n  - self_signed: [mx.example.test]\nlisteners:\n  smtp: {{ listen: \"127.0.0.1:0\", mode: starttls, hostname: mx.example.test, upstream: mta, allow: [\"10.0.0.0/8\"], deny: [\"10.9.0.0/16\"], limits: {{ per_ip_rate: \"30/1m\" }} }}\n",
+            deny.display()
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = check(&config, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("  edge: allow 10.0.0.0/8; deny 10.9.0.0/16; per_ip_rate 30/1m"),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(
+            "deny_file {}: 1 ranges, 1 bad lines skipped",
+            deny.display()
+        )),
+        "{out}"
+    );
+}
