@@ -88,28 +88,34 @@ async fn no_alpn_proceeds_without_an_alpn_tlv() {
     assert!(tlvs(&header).iter().all(|(k, _)| *k != 0x01));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_server_picks_aes_128_gcm_even_when_the_client_prefers_aes_256() {
-    let (_mta, proxy) = setup().await;
-    // rustls' own default order already puts AES-256 first; make the preference explicit.
+/// A client that offers `first` before every other suite, over `versions`.
+fn preferring(
+    first: rustls::CipherSuite,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> rustls::ClientConfig {
     let mut provider = (*provider()).clone();
-    provider
-        .cipher_suites
-        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_256_GCM_SHA384);
-    assert_eq!(
-        provider.cipher_suites[0].suite(),
-        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384
-    );
+    provider.cipher_suites.sort_by_key(|s| s.suite() != first);
+    assert_eq!(provider.cipher_suites[0].suite(), first);
     let verifier = std::sync::Arc::new(AcceptAnyServerCert(
         std::sync::Arc::new(provider.clone()),
         false,
     ));
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
-        .with_safe_default_protocol_versions()
+    rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_protocol_versions(versions)
         .unwrap()
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+        .with_no_client_auth()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_picks_aes_128_gcm_even_when_the_client_prefers_aes_256() {
+    let (_mta, proxy) = setup().await;
+    // rustls' own default order already puts AES-256 first; make the preference explicit.
+    let config = preferring(
+        rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
+        rustls::DEFAULT_VERSIONS,
+    );
     let tcp = connect_from("127.0.0.1", proxy.addr("smtps")).await;
     let tls = tls_handshake(tcp, config, Some("mx.example.test"))
         .await
@@ -123,20 +129,10 @@ async fn the_server_picks_aes_128_gcm_even_when_the_client_prefers_aes_256() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_1_2_follows_the_same_rule_aes_128_gcm_over_the_clients_aes_256() {
     let (_mta, proxy) = setup().await;
-    let mut provider = (*provider()).clone();
-    provider
-        .cipher_suites
-        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384);
-    let verifier = std::sync::Arc::new(AcceptAnyServerCert(
-        std::sync::Arc::new(provider.clone()),
-        false,
-    ));
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
-        .with_protocol_versions(&[&rustls::version::TLS12])
-        .unwrap()
-        .dangerous()
-        .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth();
+    let config = preferring(
+        rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+        &[&rustls::version::TLS12],
+    );
     let tcp = connect_from("127.0.0.1", proxy.addr("smtps")).await;
     let tls = tls_handshake(tcp, config, Some("mx.example.test"))
         .await

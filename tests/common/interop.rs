@@ -24,6 +24,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+pub use crate::common::postfix::{group_alive, is_listening, wait_until, write_backdated};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
@@ -785,57 +786,10 @@ pub fn connect_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> 
 // ---------------------------------------------------------------- small helpers (copied from
 // common::postfix, where they are private)
 
-/// Writes a config file with an mtime one minute in the past (Postfix waits for a main.cf
-/// that is too new).
-pub fn write_backdated(path: &str, contents: &str) {
-    fs::write(path, contents).unwrap();
-    let old = SystemTime::now() - Duration::from_secs(60);
-    fs::File::options()
-        .write(true)
-        .open(path)
-        .and_then(|f| f.set_modified(old))
-        .unwrap();
-}
-
 pub fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .unwrap()
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn is_listening(port: u16) -> bool {
-    let tcp = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
-    let want = format!(":{port:04X}");
-    tcp.lines().skip(1).any(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        f.len() > 3 && f[1].ends_with(&want) && f[3] == "0A"
-    })
-}
-
-fn group_alive(pgid: u32) -> bool {
-    let Ok(rd) = fs::read_dir("/proc") else {
-        return false;
-    };
-    rd.filter_map(|e| fs::read_to_string(e.ok()?.path().join("stat")).ok())
-        .any(|stat| {
-            let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-            let f: Vec<&str> = rest.split_whitespace().collect();
-            f.len() > 2 && f[0] != "Z" && f[0] != "X" && f[2].parse::<u32>().ok() == Some(pgid)
-        })
-}
-
-/// Polls `cond` every 50 ms until it holds (true) or `timeout` passes (false).
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }

@@ -120,17 +120,16 @@ impl TestPki {
         } else {
             KeyPair::generate().unwrap()
         };
-        let mut params =
-            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        params.distinguished_name.push(DnType::CommonName, names[0]);
-        let cert = params.signed_by(&key, &self.server_ca).unwrap();
-        self.write(file, cert, key)
+        self.server_cert_on(file, names, key)
     }
 
     /// A new certificate for `names` on the key in `key_path`: a renewal that keeps the key.
     pub fn renewed_server_cert(&self, file: &str, names: &[&str], key_path: &Path) -> Issued {
         let key = KeyPair::from_pem(&std::fs::read_to_string(key_path).unwrap()).unwrap();
+        self.server_cert_on(file, names, key)
+    }
+
+    fn server_cert_on(&self, file: &str, names: &[&str], key: KeyPair) -> Issued {
         let mut params =
             CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
                 .unwrap();

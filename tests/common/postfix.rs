@@ -431,7 +431,7 @@ fn tls_service(port: u16, opts: &str, (cert, key): &(PathBuf, PathBuf)) -> Strin
 /// Writes a config file with an mtime one minute in the past. Postfix refuses to use a main.cf
 /// modified within the current second or so and re-reads it every 300 ms until it is older,
 /// which costs ~2 s per start with a freshly written file.
-fn write_backdated(path: &str, contents: &str) {
+pub fn write_backdated(path: &str, contents: &str) {
     fs::write(path, contents).expect("write postfix config");
     let old = SystemTime::now() - Duration::from_secs(60);
     fs::File::options()
@@ -452,7 +452,7 @@ fn free_ports(n: usize) -> Vec<u16> {
 }
 
 /// Is anything in LISTEN state (st 0A) on local TCP port `port`, per /proc/net/tcp?
-fn is_listening(port: u16) -> bool {
+pub fn is_listening(port: u16) -> bool {
     let tcp = fs::read_to_string("/proc/net/tcp").unwrap_or_default();
     let want = format!(":{port:04X}");
     tcp.lines().skip(1).any(|l| {
@@ -464,7 +464,7 @@ fn is_listening(port: u16) -> bool {
 /// Is any non-zombie process in process group `pgid` alive? master calls setsid(), so all its
 /// children share its pgid. Zombies count as dead: in containers PID 1 often does not reap the
 /// re-parented (daemonized) master, and kill(pid, 0) would still succeed for a zombie.
-fn group_alive(pgid: u32) -> bool {
+pub fn group_alive(pgid: u32) -> bool {
     let Ok(rd) = fs::read_dir("/proc") else {
         return false;
     };
@@ -478,7 +478,7 @@ fn group_alive(pgid: u32) -> bool {
 }
 
 /// Polls `cond` every 50 ms until it holds (true) or `timeout` passes (false).
-fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         if cond() {
