@@ -435,6 +435,12 @@ CANDIDATES = [Ours, HAProxy, Stunnel, NginxStream, NginxMail, PostfixSelf]
 LOADGEN_TIMEOUT = 300  # seconds; no measurement here takes more than a minute
 
 
+def start_sink():
+    """The load generator's SMTP sink on a free loopback port: (process, port)."""
+    sink = subprocess.Popen([LOADGEN, "sink", "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True)
+    return sink, int(json.loads(sink.stdout.readline())["listening"].rsplit(":", 1)[1])
+
+
 def loadgen_once(*args, stdin=None):
     """Runs the load generator; returns its JSON result and its own CPU seconds."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -605,8 +611,7 @@ def main():
 
     d = tempfile.mkdtemp(prefix="smtp-tls-proxy-bench-")
     make_certs(d)
-    sink = subprocess.Popen([LOADGEN, "sink", "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True)
-    sink_port = int(json.loads(sink.stdout.readline())["listening"].rsplit(":", 1)[1])
+    sink, sink_port = start_sink()
     results, client = {}, {}
 
     def add(key, name, value):

@@ -22,12 +22,10 @@ import random
 import socket
 import ssl
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import json
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
@@ -126,8 +124,7 @@ def main():
     a = ap.parse_args()
     d = tempfile.mkdtemp(prefix="smtp-tls-proxy-edge-")
     bench.make_certs(d)
-    sink = subprocess.Popen([bench.LOADGEN, "sink", "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True)
-    sink_port = int(json.loads(sink.stdout.readline())["listening"].rsplit(":", 1)[1])
+    sink, sink_port = bench.start_sink()
     big, small = os.path.join(d, "deny-100k"), os.path.join(d, "deny-1")
     deny_file(big, 100_000, "127.0.0.2")
     deny_file(small, 1, "127.0.0.2")

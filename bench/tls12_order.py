@@ -10,10 +10,8 @@ handshake and per GiB relayed, read from /proc like bench.py. Writes bench/TLS12
 import argparse
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import json
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
@@ -27,8 +25,7 @@ def main():
     a = ap.parse_args()
     d = tempfile.mkdtemp(prefix="smtp-tls-proxy-tls12-")
     bench.make_certs(d)
-    sink = subprocess.Popen([bench.LOADGEN, "sink", "--listen", "127.0.0.1:0"], stdout=subprocess.PIPE, text=True)
-    sink_port = int(json.loads(sink.stdout.readline())["listening"].rsplit(":", 1)[1])
+    sink, sink_port = bench.start_sink()
     res = {}
     try:
         for rnd in range(a.rounds):

@@ -131,7 +131,8 @@ pub(crate) async fn watch_deny_file(
     list: SharedDenyList,
     path: impl Fn() -> Option<std::path::PathBuf>,
 ) {
-    let mut seen: Option<(std::path::PathBuf, Option<crate::watch::FileStamps>)> = None;
+    // The file last loaded and how it looked just before: a new path or a new stamp reloads.
+    let mut seen: Option<(std::path::PathBuf, crate::watch::FileStamps)> = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -145,11 +146,11 @@ pub(crate) async fn watch_deny_file(
         let stamp = crate::watch::FileStamps::read([p.clone()]);
         if seen
             .as_ref()
-            .is_some_and(|(sp, ss)| *sp == p && ss.as_ref() == Some(&stamp))
+            .is_some_and(|(sp, ss)| *sp == p && *ss == stamp)
         {
             continue;
         }
-        seen = Some((p.clone(), Some(stamp)));
+        seen = Some((p.clone(), stamp));
         load_deny_file(&list, &p);
     }
 }

@@ -85,14 +85,6 @@ impl Drop for IpSlot {
     }
 }
 
-/// The slots one session holds; dropping it frees them all.
-#[derive(Debug)]
-pub struct Permits {
-    pub global: Slot,
-    pub listener: Slot,
-    pub ip: Option<IpSlot>,
-}
-
 /// Open descriptors a session needs at most: client and upstream sockets.
 const FDS_PER_SESSION: u64 = 2;
 /// Descriptors kept for listeners, the watcher, the metrics server, log files.

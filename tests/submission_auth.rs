@@ -12,26 +12,19 @@ use std::time::Duration;
 
 use common::postfix::{Postfix, PostfixOptions};
 use common::*;
+use serde_json::json;
 
 const PF_WAIT: Duration = Duration::from_secs(20);
 
-fn config(pf: &Postfix, cert: &Issued) -> String {
-    format!(
-        r#"
-log: {{ format: json }}
-upstreams:
-  mta: {{ address: "{}", connect_timeout: 3s }}
-certificates:
-  - cert: {}
-    key: {}
-listeners:
-  submission: {{ listen: "127.0.0.1:0", mode: starttls, require_starttls: true, hostname: mx.example.test, upstream: mta }}
-  submissions: {{ listen: "127.0.0.1:0", mode: implicit, hostname: mx.example.test, upstream: mta }}
-"#,
-        pf.proxy_addr(),
-        cert.cert_path.display(),
-        cert.key_path.display()
-    )
+fn config(pf: &Postfix, cert: &Issued) -> TestConfig {
+    TestConfig::new(pf.proxy_addr())
+        .certificate(cert)
+        .starttls(
+            "submission",
+            "mx.example.test",
+            json!({ "require_starttls": true }),
+        )
+        .implicit("submissions", "mx.example.test", json!({}))
 }
 
 /// swaks from `from_ip` with AUTH PLAIN; `tls` is `--tls` (STARTTLS) or `--tls-on-connect`.
@@ -73,7 +66,7 @@ async fn auth_plain_submission_through_587_and_465_reaches_a_sasl_postfix() {
         sasl: Some(("alice".into(), "s3cret-pass".into())),
         ..Default::default()
     });
-    let proxy = spawn_proxy(&config(&pf, &mx));
+    let proxy = config(&pf, &mx).spawn();
     for (listener, ip, tls) in [
         ("submission", "127.0.0.6", "--tls"),
         ("submissions", "127.0.0.7", "--tls-on-connect"),

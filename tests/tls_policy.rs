@@ -88,6 +88,15 @@ async fn no_alpn_proceeds_without_an_alpn_tlv() {
     assert!(tlvs(&header).iter().all(|(k, _)| *k != 0x01));
 }
 
+/// The suite the `smtps` listener picks for a client with `config`.
+async fn negotiated(proxy: &RunningProxy, config: rustls::ClientConfig) -> rustls::CipherSuite {
+    let tcp = connect_from("127.0.0.1", proxy.addr("smtps")).await;
+    let tls = tls_handshake(tcp, config, Some("mx.example.test"))
+        .await
+        .unwrap();
+    tls.get_ref().1.negotiated_cipher_suite().unwrap().suite()
+}
+
 /// A client that offers `first` before every other suite, over `versions`.
 fn preferring(
     first: rustls::CipherSuite,
@@ -116,12 +125,8 @@ async fn the_server_picks_aes_128_gcm_even_when_the_client_prefers_aes_256() {
         rustls::CipherSuite::TLS13_AES_256_GCM_SHA384,
         rustls::DEFAULT_VERSIONS,
     );
-    let tcp = connect_from("127.0.0.1", proxy.addr("smtps")).await;
-    let tls = tls_handshake(tcp, config, Some("mx.example.test"))
-        .await
-        .unwrap();
     assert_eq!(
-        tls.get_ref().1.negotiated_cipher_suite().unwrap().suite(),
+        negotiated(&proxy, config).await,
         rustls::CipherSuite::TLS13_AES_128_GCM_SHA256
     );
 }
@@ -133,12 +138,8 @@ async fn tls_1_2_follows_the_same_rule_aes_128_gcm_over_the_clients_aes_256() {
         rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
         &[&rustls::version::TLS12],
     );
-    let tcp = connect_from("127.0.0.1", proxy.addr("smtps")).await;
-    let tls = tls_handshake(tcp, config, Some("mx.example.test"))
-        .await
-        .unwrap();
     assert_eq!(
-        tls.get_ref().1.negotiated_cipher_suite().unwrap().suite(),
+        negotiated(&proxy, config).await,
         rustls::CipherSuite::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
     );
 }

@@ -89,7 +89,6 @@ pub(super) async fn reload(
             return reload_failed(cause, &e.to_string());
         }
     };
-    warn_key_changes(&current.store, &next.store);
     drop(current);
     let mut fresh = Vec::new();
     for (name, l) in &next.listeners {
@@ -106,7 +105,10 @@ pub(super) async fn reload(
     publish_series(&next);
     health.sync(&next);
     acme.sync(&acme_specs(&next), &crate::tls::provider());
-    shared.current.store(Arc::new(next));
+    let previous = shared.current.swap(Arc::new(next));
+    // Warned only now: a reload that failed to bind changed no key that anyone is served.
+    warn_key_changes(&previous.store, &shared.current.load().store);
+    drop(previous);
     let gone: Vec<String> = running
         .iter()
         .filter(|(name, _)| !names.contains(name) || fresh.iter().any(|(b, _)| &b.name == *name))

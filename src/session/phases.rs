@@ -237,14 +237,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         mut self,
         max: usize,
     ) -> Result<(Session<S>, Vec<u8>), Finished> {
-        let cfg = &self.facts.listener.config;
-        let (timeout, hostname) = (cfg.limits.command_timeout, cfg.hostname.clone());
+        let timeout = self.facts.listener.config.limits.command_timeout;
         let mut first = vec![0u8; max];
         match tokio::time::timeout(timeout, self.io.read(&mut first)).await {
-            Err(_) => Err(self.end(Ended::replying(
-                Outcome::Timeout(Phase::Command),
-                reply::command_timeout(&hostname),
-            ))),
+            Err(_) => {
+                let owed = reply::command_timeout(&self.facts.listener.config.hostname);
+                Err(self.end(Ended::replying(Outcome::Timeout(Phase::Command), owed)))
+            }
             Ok(Ok(0)) | Ok(Err(_)) => Err(self.end(Ended::silent(Outcome::ClientClosed))),
             Ok(Ok(n)) => {
                 first.truncate(n);

@@ -47,15 +47,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         mut self,
         shutdown: &CancellationToken,
     ) -> Result<(Session<S>, Onward), Finished> {
-        let cfg = &self.facts.listener.config;
-        let (hostname, command_timeout) = (cfg.hostname.clone(), cfg.limits.command_timeout);
+        // The listener's Arc, not a copy of its strings: the session's own facts stay
+        // borrowable while the dialogue runs.
+        let listener = self.facts.listener.clone();
+        let cfg = &listener.config;
+        let (hostname, command_timeout) = (cfg.hostname.as_str(), cfg.limits.command_timeout);
         // Honest pre-TLS EHLO: what the upstream really offers (as its last probe saw it)
         // among what a plaintext hand-off can carry; the conservative set until then.
-        let capabilities = match self.facts.listener.upstream.capabilities.load_full() {
+        let capabilities = match listener.upstream.capabilities.load_full() {
             Some(known) => (*known).clone(),
             None => dialogue::default_capabilities(),
         };
-        let mut pre = PreTls::new(Dialogue::new(&hostname, cfg.require_starttls, capabilities));
+        let mut pre = PreTls::new(Dialogue::new(hostname, cfg.require_starttls, capabilities));
         if write_reply(&mut self.io, &pre.greeting()).await.is_err() {
             return Err(self.end(Ended::silent(Outcome::ClientClosed)));
         }
@@ -72,7 +75,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                             // Still in cleartext, nothing relayed: the sender retries elsewhere or later.
                             return Err(self.end(Ended::replying(
                                 Outcome::Shutdown,
-                                reply::shutting_down(&hostname),
+                                reply::shutting_down(hostname),
                             )));
                         }
                         read = timeout_at(until, self.io.read(&mut chunk)) => read,
@@ -81,7 +84,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                         Err(_) => {
                             return Err(self.end(Ended::replying(
                                 Outcome::Timeout(Phase::Command),
-                                reply::command_timeout(&hostname),
+                                reply::command_timeout(hostname),
                             )));
                         }
                         Ok(Ok(0)) | Ok(Err(_)) => {
