@@ -173,7 +173,8 @@ fn load_deny_file(list: &SharedDenyList, path: &Path) {
     }
 }
 
-/// Buckets kept before full ones are forgotten (a full bucket is the same as none).
+/// Buckets kept before full ones are forgotten (a full bucket is the same as none); the
+/// scan that forgets them then runs at most once per RATE_ENTRIES / 10 new addresses.
 const RATE_ENTRIES: usize = 100_000;
 
 /// `limits.per_ip_rate` for one listener: a token bucket per client address.
@@ -190,6 +191,12 @@ impl RateLimiter {
             map.retain(|_, (tokens, at)| {
                 *tokens + now.duration_since(*at).as_secs_f64() * per_second < capacity
             });
+            // Still nearly full: more than RATE_ENTRIES addresses are connecting at once.
+            // Forget them all rather than scan the map again at every new address (a
+            // per-address limit cannot stop a distributed flood; max_connections bounds it).
+            if map.len() >= RATE_ENTRIES * 9 / 10 {
+                map.clear();
+            }
         }
         let (tokens, at) = map.entry(ip.to_canonical()).or_insert((capacity, now));
         *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * per_second).min(capacity);

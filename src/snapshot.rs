@@ -53,8 +53,9 @@ pub struct ListenerRuntime {
 struct ResumptionKey {
     mode: Mode,
     client_cert: ClientCertMode,
-    /// The CA file's content, not its path.
-    client_ca: Option<Vec<u8>>,
+    /// The trust anchors loaded from `client_ca` (subject + key), not its path: derived
+    /// from what the verifier uses, so the file is read once.
+    client_ca: Option<Vec<Vec<u8>>>,
     session_tickets: bool,
     unknown_sni: UnknownSni,
 }
@@ -123,12 +124,18 @@ pub fn build(
             ),
             None => None,
         };
+        // The same MTA keeps what its probe learnt, so the pre-TLS EHLO does not fall back
+        // to the conservative set for the moment a reload takes.
+        let learnt = previous
+            .and_then(|p| p.upstreams.get(name))
+            .filter(|p| p.config.address == up.address)
+            .and_then(|p| p.capabilities.load_full());
         upstreams.insert(
             name.clone(),
             Arc::new(UpstreamRuntime {
                 config: up.clone(),
                 tls,
-                capabilities: Default::default(),
+                capabilities: arc_swap::ArcSwapOption::new(learnt),
             }),
         );
     }
@@ -193,7 +200,12 @@ fn listener_tls(
     let key = ResumptionKey {
         mode: l.mode,
         client_cert: l.client_cert,
-        client_ca: l.client_ca.as_ref().and_then(|p| std::fs::read(p).ok()),
+        client_ca: roots.as_ref().map(|r| {
+            r.roots
+                .iter()
+                .map(|t| [t.subject.as_ref(), t.subject_public_key_info.as_ref()].concat())
+                .collect()
+        }),
         session_tickets: l.session_tickets,
         unknown_sni: l.unknown_sni,
     };
