@@ -1,25 +1,23 @@
-//! ACME certificates through rustls-acme (tls-alpn-01). One `AcmeSlot` per `acme` entry holds
+//! ACME certificates (tls-alpn-01), with our own keys. One `AcmeSlot` per `acme` entry holds
 //! what is served for its domains: the issued certificate once there is one, else a
 //! self-signed placeholder (never a failed handshake), plus the challenge config that
 //! answers validation handshakes. Slots and their ACME clients live in the `AcmeManager`
 //! and survive reloads: an unchanged entry keeps its client, its schedule and its account.
 //!
-//! The cache (`SecureDirCache`) is ours, not rustls-acme's `DirCache`, which writes the
-//! private keys with the process umask and non-atomically: ours writes 0600 files via a
-//! temporary file and a rename, in a 0700 directory. It also feeds the slot: a cached
-//! certificate is read synchronously when the slot is created (served before any network
-//! call), and every newly issued one is published the moment rustls-acme stores it.
+//! The order itself (`order.rs`) is driven over instant-acme, not rustls-acme: rustls-acme
+//! makes a fresh key for every order, and DANE senders (RFC 7672) defer mail when a renewal
+//! changes the key behind a TLSA record. The cache (`cache.rs`) is written 0600 via a
+//! temporary file and a rename, in a 0700 directory; a cached certificate is read
+//! synchronously when the slot is created, so it is served before any network call.
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use arc_swap::ArcSwapOption;
-use futures_util::StreamExt;
 use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls_acme::{AcmeConfig, EventOk};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::task::JoinHandle;
@@ -27,9 +25,46 @@ use tokio::task::JoinHandle;
 use crate::config::AcmeSpec;
 
 mod cache;
+mod order;
 use crate::metrics::{AcmeLabels, CertLabels, DomainsLabel, metrics};
 use crate::tls::cert::{self, ServedCert};
-pub use cache::SecureDirCache;
+use cache::SecureDirCache;
+
+/// The ALPN protocol of tls-alpn-01 validation handshakes (RFC 8737).
+const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// A validation handshake offers `acme-tls/1` and nothing else (RFC 8737 section 3).
+pub(crate) fn is_challenge_hello(hello: &ClientHello<'_>) -> bool {
+    hello.alpn().is_some_and(|mut protocols| {
+        protocols.next() == Some(ACME_TLS_ALPN) && protocols.next().is_none()
+    })
+}
+
+/// The tls-alpn-01 answers of the order in flight, by name.
+#[derive(Debug, Default)]
+struct Answers(Mutex<HashMap<String, Arc<CertifiedKey>>>);
+
+impl Answers {
+    fn set(&self, name: &str, answer: Arc<CertifiedKey>) {
+        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.insert(name.to_ascii_lowercase(), answer);
+    }
+
+    fn clear(&self) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clear();
+    }
+}
+
+impl ResolvesServerCert for Answers {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let name = hello.server_name()?.to_ascii_lowercase();
+        let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        map.get(&name).cloned()
+    }
+}
 
 /// What one `acme` entry serves right now.
 #[derive(Debug)]
@@ -37,7 +72,10 @@ pub struct AcmeSlot {
     pub spec: AcmeSpec,
     placeholder: Arc<ServedCert>,
     issued: ArcSwapOption<ServedCert>,
-    challenge: ArcSwapOption<ServerConfig>,
+    answers: Arc<Answers>,
+    challenge: Arc<ServerConfig>,
+    /// With `rotate_key`: the TLSA value of the key the next renewal will use.
+    next_tlsa: ArcSwapOption<String>,
 }
 
 impl AcmeSlot {
@@ -51,16 +89,21 @@ impl AcmeSlot {
         self.issued().unwrap_or_else(|| self.placeholder.clone())
     }
 
-    /// The tls-alpn-01 answering config, once the ACME client runs.
-    pub fn challenge(&self) -> Option<Arc<ServerConfig>> {
-        self.challenge.load_full()
+    /// The config that answers tls-alpn-01 validation handshakes.
+    pub fn challenge(&self) -> Arc<ServerConfig> {
+        self.challenge.clone()
+    }
+
+    /// With `rotate_key`: the TLSA value (`3 1 1 <hex>`) of the next key, once made.
+    pub fn next_tlsa(&self) -> Option<Arc<String>> {
+        self.next_tlsa.load_full()
     }
 
     fn label(&self) -> String {
         self.spec.domains.join(",")
     }
 
-    /// Parses rustls-acme's PEM (private key first, then the chain) and serves it.
+    /// Parses the cached PEM (private key first, then the chain) and serves it.
     fn publish(&self, pem: &[u8], provider: &CryptoProvider) -> Result<Arc<ServedCert>, String> {
         let key = PrivateKeyDer::from_pem_slice(pem).map_err(|e| format!("key: {e}"))?;
         let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(pem)
@@ -103,7 +146,7 @@ impl AcmeSlot {
     }
 }
 
-/// rustls-acme renews at notAfter - lifetime/3; the same figure, for logs and metrics.
+/// Renewal is due at notAfter - lifetime/3 (Let's Encrypt's advice for 90-day certificates).
 fn next_renewal(cert: &ServedCert) -> Option<i64> {
     let leaf = cert.certified.cert.first()?;
     let (_, x) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
@@ -141,22 +184,33 @@ impl AcmeManager {
             return Ok(e.slot.clone());
         }
         let placeholder = Arc::new(cert::self_signed_for(&spec.domains, provider)?);
+        let answers = Arc::new(Answers::default());
+        let mut challenge = ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_cert_resolver(answers.clone());
+        challenge.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
         let slot = Arc::new(AcmeSlot {
             spec: spec.clone(),
             placeholder,
             issued: ArcSwapOption::empty(),
-            challenge: ArcSwapOption::empty(),
+            answers,
+            challenge: Arc::new(challenge),
+            next_tlsa: ArcSwapOption::empty(),
         });
-        let cache = SecureDirCache::new(&spec.cache, slot.clone(), provider.clone());
-        if let Ok(Some(pem)) = cache.read(&cache.cert_file(&spec.domains, &spec.directory)) {
-            match slot.publish(&pem, provider) {
-                Ok(c) => {
-                    tracing::info!(domains = %slot.label(), certificate = %c.label, "acme certificate loaded from cache")
-                }
-                Err(e) => {
-                    tracing::warn!(domains = %slot.label(), error = %e, "acme cache holds an unusable certificate; ordering a new one")
-                }
+        let cache = SecureDirCache::new(spec);
+        if let Ok(Some(pem)) = cache.read(&cache.cert_file()) {
+            // Logged when its client starts (`order::run`): logging may not be set up yet.
+            if let Err(e) = slot.publish(&pem, provider) {
+                tracing::warn!(domains = %slot.label(), error = %e, "acme cache holds an unusable certificate; ordering a new one")
             }
+        }
+        if spec.rotate_key
+            && let Ok(Some(next)) = cache.read_key(&cache.next_key_file())
+        {
+            let tlsa = cert::tlsa_of_key(&next);
+            slot.next_tlsa.store(Some(Arc::new(tlsa)));
         }
         entries.insert(
             spec.clone(),
@@ -201,85 +255,8 @@ impl Drop for AcmeManager {
     }
 }
 
-/// The trust for a private ACME server: its `directory_ca` alone.
-fn client_config(
-    ca: &Path,
-    provider: &Arc<CryptoProvider>,
-) -> Result<Arc<rustls::ClientConfig>, String> {
-    let roots = crate::tls::client_auth::load_roots(ca)?;
-    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    Ok(Arc::new(config))
-}
-
 fn start(slot: Arc<AcmeSlot>, provider: Arc<CryptoProvider>) -> JoinHandle<()> {
-    let spec = slot.spec.clone();
-    let base = match spec
-        .directory_ca
-        .as_deref()
-        .map(|ca| client_config(ca, &provider))
-    {
-        // No directory_ca: the web PKI (webpki-roots), as for Let's Encrypt.
-        None => AcmeConfig::new_with_provider(spec.domains.clone(), provider.clone()),
-        Some(Ok(c)) => AcmeConfig::new_with_client_config(spec.domains.clone(), c),
-        Some(Err(e)) => {
-            // Validated at load, so only a file that vanished since gets here.
-            tracing::error!(domains = %slot.label(), error = %e, "acme: cannot read directory_ca; not ordering");
-            return tokio::spawn(async {});
-        }
-    };
-    let cache = SecureDirCache::new(&spec.cache, slot.clone(), provider.clone());
-    let mut state = base
-        .contact(spec.contact.iter())
-        .directory(&spec.directory)
-        .cache(cache)
-        .state();
-    slot.challenge.store(Some(
-        state.challenge_rustls_config_with_provider(provider.clone()),
-    ));
-    match slot.issued() {
-        Some(c) => tracing::info!(
-            domains = %slot.label(),
-            certificate = %c.label,
-            not_after = c.not_after,
-            next_renewal = next_renewal(&c).unwrap_or_default(),
-            "acme certificate loaded from cache"
-        ),
-        None => {
-            tracing::info!(domains = %slot.label(), directory = %spec.directory, "acme: ordering a certificate");
-            event(&slot, "ordered");
-        }
-    }
-    tokio::spawn(async move {
-        while let Some(ev) = state.next().await {
-            match ev {
-                Ok(EventOk::DeployedNewCert) => {
-                    event(&slot, "issued");
-                }
-                Ok(EventOk::CertCacheStore) => {
-                    let c = slot.current();
-                    let next = next_renewal(&c).unwrap_or_default();
-                    tracing::info!(
-                        domains = %slot.label(),
-                        certificate = %c.label,
-                        not_after = c.not_after,
-                        next_renewal = next,
-                        "acme certificate deployed"
-                    );
-                    event(&slot, "deployed");
-                }
-                Ok(EventOk::DeployedCachedCert) => event(&slot, "deployed_cached"),
-                Ok(EventOk::AccountCacheStore) => {}
-                Err(e) => {
-                    tracing::warn!(domains = %slot.label(), error = %e, "acme: order failed; retrying with backoff");
-                    event(&slot, "failed");
-                }
-            }
-        }
-    })
+    tokio::spawn(order::run(slot, provider))
 }
 
 fn event(slot: &AcmeSlot, event: &str) {

@@ -129,9 +129,16 @@ pub fn describe(snapshot: &Snapshot) -> String {
             }
             None => "no cached certificate yet: ordered at start, a self-signed one is served until then".to_owned(),
         };
+        let keys = match (spec.rotate_key, slot.next_tlsa()) {
+            (false, _) => "key kept across renewals".to_owned(),
+            (true, Some(next)) => format!(
+                "rotate_key: the next renewal uses a new key, publish TLSA {next} before it"
+            ),
+            (true, None) => "rotate_key: the next key is made (and logged) at start".to_owned(),
+        };
         let _ = writeln!(
             out,
-            "acme {}: directory {}, cache {}; {state}",
+            "acme {}: directory {}, cache {}; {state}; {keys}",
             spec.domains.join(", "),
             spec.directory,
             spec.cache.display()

@@ -1,7 +1,10 @@
 //! ACME end to end against a private Pebble: issuance over tls-alpn-01 answered by the
 //! proxy's implicit listener, the issued certificate served on implicit and STARTTLS
-//! listeners, a restart served from the 0600 cache without Pebble, and the self-signed
-//! placeholder while no certificate could be obtained.
+//! listeners, a restart served from the 0600 cache without Pebble, the self-signed
+//! placeholder while no certificate could be obtained, and DANE-safe keys: a renewal keeps
+//! the key by default, and with `rotate_key` uses the next key announced one renewal ahead
+//! (by `check` and a log line). Renewals happen on the proxy's real schedule (two thirds of
+//! the lifetime), made short by Pebble's `certificateValidityPeriod`.
 
 #![allow(clippy::unwrap_used)]
 
@@ -160,4 +163,149 @@ async fn until_issuance_the_acme_names_get_a_self_signed_certificate_not_a_faile
         let mut smtp = Smtp::new(tls);
         assert!(smtp.reply().await.unwrap().starts_with("220"));
     }
+}
+
+/// Pebble certificates valid this long: the proxy renews after two thirds of it.
+const SHORT_VALIDITY_S: u64 = 9;
+
+struct Renewing {
+    pebble: Pebble,
+    proxy: RunningProxy,
+    config: std::path::PathBuf,
+    root: rustls_pki_types::CertificateDer<'static>,
+    _mta: FakeMta,
+}
+
+async fn renewing(rotate_key: bool) -> Renewing {
+    let mta = FakeMta::start().await;
+    let tls_port = free_port();
+    let pebble = Pebble::start_with_validity(tls_port, Some(SHORT_VALIDITY_S));
+    let work = tempfile::tempdir().unwrap();
+    let acme = format!(
+        "      domains: [{DOMAIN}]\n      directory: \"{}\"\n      directory_ca: {}\n      cache: {}\n{}",
+        pebble.directory_url(),
+        pebble.api_ca.display(),
+        work.path().join("acme-cache").display(),
+        // Unset by default: the same config runs on a build without the key (control).
+        if rotate_key {
+            "      rotate_key: true\n"
+        } else {
+            ""
+        }
+    );
+    let path = work.path().join("proxy.yaml");
+    std::fs::write(&path, config(mta.addr, tls_port, &acme)).unwrap();
+    let proxy = spawn_proxy_at(work, &path, &[]);
+    let root = pebble.issuance_root().await;
+    Renewing {
+        pebble,
+        proxy,
+        config: path,
+        root,
+        _mta: mta,
+    }
+}
+
+impl Renewing {
+    /// Waits for the `n`th deployed certificate; returns its leaf as served and the log line.
+    async fn deployed(&self, n: usize) -> (Vec<u8>, serde_json::Value) {
+        let line = self
+            .proxy
+            .wait_for_nth_log(n, Duration::from_secs(90), |v| {
+                v["message"] == "acme certificate deployed"
+            })
+            .await;
+        let leaf = implicit_leaf(
+            self.proxy.addr("smtps"),
+            verifying_client(self.root.clone()),
+        )
+        .await;
+        (leaf, line)
+    }
+
+    fn check(&self) -> String {
+        let out = std::process::Command::new(binary())
+            .arg("check")
+            .arg("--config")
+            .arg(&self.config)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewal_keeps_the_key_so_the_tlsa_record_stays_valid() {
+    let r = renewing(false).await;
+    let (first, _) = r.deployed(1).await;
+    let (second, line) = r.deployed(2).await;
+    assert_ne!(first, second, "a renewal happened: a new certificate");
+    assert_eq!(tlsa_of(&first), tlsa_of(&second), "with the same key");
+    assert_eq!(
+        line["tlsa"],
+        tlsa_of(&second),
+        "the log names the served key"
+    );
+    let check = r.check();
+    assert!(check.contains("key kept across renewals"), "{check}");
+    assert!(
+        check.contains(&format!("TLSA {}", tlsa_of(&second))),
+        "{check}"
+    );
+    assert!(
+        r.proxy.find_log(|v| v["new_tlsa"].is_string()).is_none(),
+        "no key-change warning"
+    );
+    assert!(r.proxy.find_log(|v| v["next_tlsa"].is_string()).is_none());
+    drop(r.pebble);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_key_renews_with_the_next_key_announced_one_renewal_ahead() {
+    let r = renewing(true).await;
+    let (first, _) = r.deployed(1).await;
+    let announced = r
+        .proxy
+        .find_log(|v| v["next_tlsa"].is_string())
+        .expect("the next key is logged at start")["next_tlsa"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_ne!(
+        announced,
+        tlsa_of(&first),
+        "the next key is not the current one"
+    );
+    let check = r.check();
+    assert!(
+        check.contains(&format!("publish TLSA {announced} before it")),
+        "check prints the next key: {check}"
+    );
+    let (second, line) = r.deployed(2).await;
+    assert_eq!(
+        tlsa_of(&second),
+        announced,
+        "the renewal used the announced key"
+    );
+    assert_eq!(line["tlsa"], announced);
+    let warned = r
+        .proxy
+        .wait_for_log(|v| v["name"] == DOMAIN && v["new_tlsa"].is_string())
+        .await;
+    assert_eq!(warned["old_tlsa"], tlsa_of(&first));
+    assert_eq!(warned["new_tlsa"], announced);
+    assert_eq!(warned["cause"], "renewal");
+    // And the one after is announced now, different from both.
+    let next = r
+        .proxy
+        .wait_for_nth_log(2, Duration::from_secs(5), |v| v["next_tlsa"].is_string())
+        .await;
+    assert_ne!(next["next_tlsa"], announced);
+    assert_ne!(next["next_tlsa"], tlsa_of(&first));
+    drop(r.pebble);
 }

@@ -309,13 +309,7 @@ async fn a_key_change_on_reload_is_warned_with_both_tlsa_values_and_a_kept_key_i
         .proxy
         .wait_for_log(|v| v["name"] == "mail.example.test" && v["new_tlsa"].is_string())
         .await;
-    let tlsa = |der: &[u8]| {
-        use x509_parser::prelude::FromDer;
-        let (_, x) = x509_parser::prelude::X509Certificate::from_der(der).unwrap();
-        let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, x.public_key().raw);
-        format!("3 1 1 {}", hex(d.as_ref()))
-    };
-    assert_eq!(warned["old_tlsa"], tlsa(renewed.chain[0].as_ref()));
-    assert_eq!(warned["new_tlsa"], tlsa(next.chain[0].as_ref()));
+    assert_eq!(warned["old_tlsa"], tlsa_of(renewed.chain[0].as_ref()));
+    assert_eq!(warned["new_tlsa"], tlsa_of(next.chain[0].as_ref()));
     assert_eq!(changes().await, 1.0);
 }

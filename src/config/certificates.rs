@@ -98,5 +98,6 @@ fn acme_spec(key: &str, a: crate::config::file::AcmeFile) -> Result<AcmeSpec, Ke
         directory,
         directory_ca: a.directory_ca,
         cache: a.cache,
+        rotate_key: a.rotate_key,
     })
 }

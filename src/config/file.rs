@@ -137,8 +137,12 @@ pub struct AcmeFile {
     /// Extra root for a private ACME server (then the only one trusted for it).
     #[serde(default)]
     pub directory_ca: Option<PathBuf>,
-    /// Account key and certificate; written 0600.
+    /// Account, keys and certificate; written 0600.
     pub cache: PathBuf,
+    /// Rotate the key at each renewal (the next key is made and announced one renewal
+    /// ahead); by default the key is kept, so the TLSA record stays valid.
+    #[serde(default)]
+    pub rotate_key: bool,
 }
 
 fn default_directory() -> String {

@@ -83,6 +83,8 @@ pub struct AcmeSpec {
     pub directory: String,
     pub directory_ca: Option<PathBuf>,
     pub cache: PathBuf,
+    /// A new key per renewal, announced one renewal ahead (default: the key is kept).
+    pub rotate_key: bool,
 }
 
 pub(super) const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";

@@ -124,7 +124,7 @@ where
         .map_err(|e| failure(&e))?;
     let hello = start.client_hello();
     let sni = hello.server_name().map(str::to_owned);
-    if rustls_acme::is_tls_alpn_challenge(&hello) {
+    if crate::acme::is_challenge_hello(&hello) {
         // An ACME validation handshake (tls-alpn-01) for a name we order: the challenge
         // config answers it; there is no SMTP session behind it.
         let challenge = sni

@@ -79,13 +79,19 @@ pub(crate) fn key_changed(name: &str, old_tlsa: &str, new_tlsa: &str, how: &'sta
 impl ServedCert {
     /// The TLSA record data for this key, `3 1 1 <hex>` (DANE-EE, SPKI, SHA-256).
     pub fn tlsa(&self) -> String {
-        let hex: String = self
-            .spki_sha256
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        format!("3 1 1 {hex}")
+        tlsa_of_digest(&self.spki_sha256)
     }
+}
+
+/// `3 1 1 <hex>` for a key not yet in a certificate (its SubjectPublicKeyInfo).
+pub(crate) fn tlsa_of_key(key: &impl rcgen::PublicKeyData) -> String {
+    let spki = key.subject_public_key_info();
+    tlsa_of_digest(aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, &spki).as_ref())
+}
+
+fn tlsa_of_digest(digest: &[u8]) -> String {
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("3 1 1 {hex}")
 }
 
 /// Reads names, key type, signature algorithm and expiry from the leaf.

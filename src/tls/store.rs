@@ -156,7 +156,7 @@ impl CertStore {
     pub fn acme_challenge(&self, name: &str) -> Option<Arc<rustls::ServerConfig>> {
         self.acme
             .get(&name.trim_end_matches('.').to_ascii_lowercase())
-            .and_then(|s| s.challenge())
+            .map(|s| s.challenge())
     }
 }
 

@@ -909,6 +909,15 @@ pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// The TLSA `3 1 1` value of a certificate (SHA-256 of its SubjectPublicKeyInfo), computed
+/// here with x509-parser, independently of the proxy's own code.
+pub fn tlsa_of(der: &[u8]) -> String {
+    use x509_parser::prelude::FromDer;
+    let (_, x) = x509_parser::prelude::X509Certificate::from_der(der).unwrap();
+    let d = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, x.public_key().raw);
+    format!("3 1 1 {}", hex(d.as_ref()))
+}
+
 /// A proxy config built as data: JSON is YAML, so the proxy reads `to_string()` unchanged,
 /// and a test says what it sets instead of indenting strings. Listeners listen on
 /// 127.0.0.1:0 and use the upstream `mta` unless told otherwise.

@@ -51,6 +51,13 @@ fn free_udp_and_tcp() -> u16 {
 impl Pebble {
     /// Starts challtestsrv and Pebble; returns once Pebble serves its directory.
     pub fn start(tls_port: u16) -> Pebble {
+        Pebble::start_with_validity(tls_port, None)
+    }
+
+    /// As `start`, with certificates valid for `validity_s` seconds (Pebble's
+    /// `certificateValidityPeriod`; default five years): short lifetimes make the proxy
+    /// renew while the test watches, through its real schedule (two thirds of the lifetime).
+    pub fn start_with_validity(tls_port: u16, validity_s: Option<u64>) -> Pebble {
         assert!(
             Path::new(PEBBLE).exists() && Path::new(CHALLTESTSRV).exists(),
             "apt-get install pebble"
@@ -84,7 +91,10 @@ impl Pebble {
   "listenAddress": "127.0.0.1:{api}", "managementListenAddress": "127.0.0.1:{management}",
   "certificate": "cert.pem", "privateKey": "key.pem",
   "httpPort": {http}, "tlsPort": {tls_port},
-  "ocspResponderURL": "", "externalAccountBindingRequired": false }} }}"#
+  "ocspResponderURL": "", "externalAccountBindingRequired": false{validity} }} }}"#,
+                validity = validity_s
+                    .map(|v| format!(", \"certificateValidityPeriod\": {v}"))
+                    .unwrap_or_default()
             ),
         )
         .unwrap();
