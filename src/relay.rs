@@ -24,8 +24,9 @@ use tokio::time::Instant;
 
 use crate::smtp::stream::SmtpStream;
 
-/// The per-thread read scratch: one TLS record's plaintext.
-pub(crate) const RELAY_BUFFER: usize = 16 * 1024;
+/// The per-thread read scratch: several TLS records' plaintext, so one read drains what the
+/// socket holds and one write forwards it (one constant per thread, not per session).
+pub(crate) const RELAY_BUFFER: usize = 64 * 1024;
 
 /// Without traffic for this long, a session gives its buffers back.
 pub(crate) const RELEASE_AFTER: Duration = Duration::from_secs(1);

@@ -14,6 +14,47 @@ pub(crate) const MAX_TRACKED_LINE: usize = 1024;
 
 const END_OF_DATA: &[u8; 5] = b"\r\n.\r\n";
 
+/// Searches message content for the end of DATA, `matched` bytes of it already seen.
+/// Returns how many bytes of `input` belong to the content (the terminator included when
+/// found) and how much of the terminator is matched after them (5: found).
+///
+/// A terminator begun earlier (or the CRLF implied before the first content byte) is
+/// finished byte by byte; the rest is one SIMD substring search (memchr's memmem) rather
+/// than a stop at every CR, which with mail's ~80-byte lines was a call per line. For this
+/// needle, falling back to "0, or 1 if the byte is CR" on a mismatch is exact (no proper
+/// suffix of a partial match is a longer prefix), so both halves agree with the plain byte
+/// automaton; `tests::data_scan_matches_the_byte_automaton` checks it.
+pub(crate) fn scan_data(input: &[u8], mut matched: usize) -> (usize, usize) {
+    static FINDER: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+        std::sync::LazyLock::new(|| memchr::memmem::Finder::new(END_OF_DATA));
+    let end = END_OF_DATA.len();
+    let mut i = 0;
+    while matched > 0 && matched < end && i < input.len() {
+        let b = input[i];
+        i += 1;
+        matched = if b == END_OF_DATA[matched] {
+            matched + 1
+        } else {
+            usize::from(b == b'\r')
+        };
+    }
+    if matched == end || i == input.len() {
+        return (i, matched);
+    }
+    let rest = &input[i..];
+    match FINDER.find(rest) {
+        Some(at) => (i + at + end, end),
+        None => {
+            // The longest tail of the input that starts the terminator.
+            let tail = (1..end)
+                .rev()
+                .find(|&k| rest.ends_with(&END_OF_DATA[..k]))
+                .unwrap_or(0);
+            (input.len(), tail)
+        }
+    }
+}
+
 /// What the client is owed next, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) enum Expect {
@@ -113,32 +154,10 @@ impl SmtpStream {
                         State::Bdat(left)
                     };
                 }
-                State::Data(mut matched) => {
+                State::Data(matched) => {
                     let start = i;
-                    while i < input.len() {
-                        if matched == 0 {
-                            // Content between terminator candidates: jump to the next CR
-                            // (memchr, SIMD) instead of stepping byte by byte. Skipped bytes
-                            // are not CR, so the match stays at 0, as the byte loop would.
-                            match memchr::memchr(b'\r', &input[i..]) {
-                                Some(cr) => i += cr,
-                                None => {
-                                    i = input.len();
-                                    break;
-                                }
-                            }
-                        }
-                        let b = input[i];
-                        i += 1;
-                        if b == END_OF_DATA[matched] {
-                            matched += 1;
-                        } else {
-                            matched = usize::from(b == b'\r');
-                        }
-                        if matched == END_OF_DATA.len() {
-                            break;
-                        }
-                    }
+                    let (used, matched) = scan_data(&input[i..], matched);
+                    i += used;
                     to_upstream.extend_from_slice(&input[start..i]);
                     if matched == END_OF_DATA.len() {
                         self.expects.push_back(Expect::Upstream(ReplyKind::Other));

@@ -255,8 +255,12 @@ impl ServerCertVerifier for NoVerify {
 }
 
 /// TLS 1.3, no resumption; X25519 only unless `pq`. The client skips verification: its own
-/// cost is not what is measured. `LOADGEN_TLS12=aes128|aes256` makes it a TLS 1.2 client
-/// offering only ECDHE-ECDSA with that AES-GCM suite (the cipher-order measurement).
+/// cost is not what is measured. Its suites are rustls' defaults (AES-256-GCM first, as the
+/// OpenSSL clients of the peers' world offer), so each server's own preference decides,
+/// unless `LOADGEN_TLS13=aes128` makes it offer TLS_AES_128_GCM_SHA256 alone (the
+/// same-cipher mode: every candidate then runs the same suite). `LOADGEN_TLS12=aes128|aes256`
+/// makes it a TLS 1.2 client offering only ECDHE-ECDSA with that AES-GCM suite (the
+/// cipher-order measurement).
 fn connector(pq: bool) -> TlsConnector {
     use rustls::crypto::aws_lc_rs::cipher_suite as cs;
     let mut provider = rustls::crypto::aws_lc_rs::default_provider();
@@ -273,7 +277,12 @@ fn connector(pq: bool) -> TlsConnector {
             provider.cipher_suites = vec![cs::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384];
             &[&rustls::version::TLS12]
         }
-        _ => &[&rustls::version::TLS13],
+        _ => {
+            if std::env::var("LOADGEN_TLS13").as_deref() == Ok("aes128") {
+                provider.cipher_suites = vec![cs::TLS13_AES_128_GCM_SHA256];
+            }
+            &[&rustls::version::TLS13]
+        }
     };
     let provider = Arc::new(provider);
     let mut config = ClientConfig::builder_with_provider(provider.clone())
@@ -393,10 +402,23 @@ async fn throughput(addr: SocketAddr, sni: String, bytes: u64) -> Res<()> {
     cmd(&mut s, b"MAIL FROM:<a@loadgen.bench>\r\n", 250).await?;
     cmd(&mut s, b"RCPT TO:<b@sink.bench>\r\n", 250).await?;
     cmd(&mut s, b"DATA\r\n", 354).await?;
-    // 998 characters + CRLF per line (RFC 5322's limit), 64 lines per write.
-    let mut line = vec![b'x'; 998];
+    // What mail looks like: 78 characters + CRLF per line (RFC 5322's recommended length),
+    // in writes of 819 lines (64 KiB less 16 bytes).
+    let mut line = vec![b'x'; 78];
     line.extend_from_slice(b"\r\n");
-    let chunk: Vec<u8> = line.iter().copied().cycle().take(line.len() * 64).collect();
+    let chunk: Vec<u8> = line
+        .iter()
+        .copied()
+        .cycle()
+        .take(line.len() * 819)
+        .collect();
+    let cipher = s
+        .get_ref()
+        .get_ref()
+        .1
+        .negotiated_cipher_suite()
+        .map(|c| format!("{:?}", c.suite()))
+        .unwrap_or_default();
     let start = Instant::now();
     let mut sent = 0u64;
     while sent < bytes {
@@ -408,7 +430,7 @@ async fn throughput(addr: SocketAddr, sni: String, bytes: u64) -> Res<()> {
     let _ = cmd(&mut s, b"QUIT\r\n", 221).await;
     println!(
         "{}",
-        serde_json::json!({ "kind": "throughput", "bytes": sent, "wall_s": wall })
+        serde_json::json!({ "kind": "throughput", "bytes": sent, "wall_s": wall, "cipher": cipher })
     );
     Ok(())
 }

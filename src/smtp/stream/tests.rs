@@ -133,3 +133,51 @@ fn our_replies_owed_before_a_malformed_reply_still_go_out() {
         "250 ok\r\n554 5.5.1 Error: TLS already active\r\n"
     );
 }
+
+/// The byte-at-a-time automaton the SIMD scan replaced: the reference.
+fn scan_bytes(input: &[u8], mut matched: usize) -> (usize, usize) {
+    for (i, &b) in input.iter().enumerate() {
+        matched = if b == END_OF_DATA[matched] {
+            matched + 1
+        } else {
+            usize::from(b == b'\r')
+        };
+        if matched == END_OF_DATA.len() {
+            return (i + 1, matched);
+        }
+    }
+    (input.len(), matched)
+}
+
+#[test]
+fn data_scan_matches_the_byte_automaton() {
+    // Content from a small alphabet dense in terminator bytes, split at every point and
+    // started from every partial match: both scans must agree on every piece.
+    let alphabet = b"\r\n.x";
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    for _ in 0..3000 {
+        let len = (next() % 40) as usize;
+        let input: Vec<u8> = (0..len).map(|_| alphabet[(next() % 4) as usize]).collect();
+        for start in 0..END_OF_DATA.len() {
+            assert_eq!(
+                scan_data(&input, start),
+                scan_bytes(&input, start),
+                "{:?} from {start}",
+                String::from_utf8_lossy(&input)
+            );
+        }
+    }
+    // Mail-shaped content: a terminator after many 80-byte lines, found in one search.
+    let mut mail = b"x".repeat(78);
+    mail.extend_from_slice(b"\r\n");
+    let mut body = mail.repeat(100);
+    body.extend_from_slice(b".\r\nQUIT\r\n");
+    assert_eq!(scan_data(&body, 2), (8003, 5));
+    assert_eq!(scan_data(&body, 2), scan_bytes(&body, 2));
+}
