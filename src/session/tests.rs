@@ -248,3 +248,37 @@ async fn after_the_upstream_closes_a_lingering_client_gets_the_linger_time() {
     assert_eq!(report.end, RelayEnd::Closed);
     assert_eq!(closed.elapsed(), UPSTREAM_CLOSED_LINGER);
 }
+
+/// What an idle session's task carries (issue 17's accounting, with valgrind massif by call
+/// site): the task's own future (`serve`, inline in tokio's task cell, 128-byte aligned) and
+/// the boxed implicit phase, which lives for the whole relay (session, upstream, SMTP
+/// follower, relay state). Today 312 and 1,208 bytes over `duplex`; the bounds leave about
+/// 10%. A change that grows either costs every idle session, so it shows up here first and
+/// should be measured (bench/) before a bound moves.
+#[test]
+fn the_futures_an_idle_session_keeps_stay_small() {
+    let (_client, server) = tokio::io::duplex(1024);
+    let peer = Peer {
+        client: "192.0.2.7:40000".parse().unwrap(),
+        local: "192.0.2.1:465".parse().unwrap(),
+    };
+    let per_ip = Arc::new(PerIp::default());
+    let rate = crate::abuse::RateLimiter::default();
+    let deny_file = crate::abuse::SharedDenyList::default();
+    let gate = super::Gate {
+        per_ip: &per_ip,
+        rate: &rate,
+        deny_file: &deny_file,
+    };
+    let shutdown = CancellationToken::new();
+    let listener = listener("smtps");
+    let task = serve(server, listener.clone(), peer, "t".into(), &gate, &shutdown);
+    let task_size = std::mem::size_of_val(&task);
+    let (_client, server) = tokio::io::duplex(1024);
+    let facts = super::report::Facts::new("t".into(), listener, peer);
+    let implicit = super::implicit::run(super::Session::new(server, facts));
+    let implicit_size = std::mem::size_of_val(&implicit);
+    eprintln!("serve future {task_size} B, implicit phase {implicit_size} B");
+    assert!(task_size <= 352, "serve future {task_size} B");
+    assert!(implicit_size <= 1344, "implicit phase {implicit_size} B");
+}
