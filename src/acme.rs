@@ -255,7 +255,20 @@ impl Drop for AcmeManager {
     }
 }
 
+/// Starts the entry's ACME client. A cached certificate is announced here, synchronously:
+/// the start-up log says what is served before `ready`.
 fn start(slot: Arc<AcmeSlot>, provider: Arc<CryptoProvider>) -> JoinHandle<()> {
+    if let Some(c) = slot.issued() {
+        tracing::info!(
+            domains = %slot.label(),
+            certificate = %c.label,
+            not_after = c.not_after,
+            next_renewal = next_renewal(&c).unwrap_or_default(),
+            tlsa = %c.tlsa(),
+            "acme certificate loaded from cache"
+        );
+        event(&slot, "deployed_cached");
+    }
     tokio::spawn(order::run(slot, provider))
 }
 

@@ -32,17 +32,6 @@ pub(super) async fn run(slot: Arc<AcmeSlot>, provider: Arc<CryptoProvider>) {
     if slot.spec.rotate_key {
         announce_next_key(&slot, &cache, false);
     }
-    if let Some(c) = slot.issued() {
-        tracing::info!(
-            domains = %slot.label(),
-            certificate = %c.label,
-            not_after = c.not_after,
-            next_renewal = next_renewal(&c).unwrap_or_default(),
-            tlsa = %c.tlsa(),
-            "acme certificate loaded from cache"
-        );
-        event(&slot, "deployed_cached");
-    }
     let mut account: Option<Account> = None;
     let mut failures = 0u32;
     loop {
