@@ -355,3 +355,46 @@ async fn swaks_with_starttls_completes_a_session_to_postfix() {
     assert!(transcript.contains("STARTTLS"), "{transcript}");
     pf.wait_for_message("swaks starttls body", PF_WAIT);
 }
+
+/// TLS scanners and policy probes upgrade and QUIT at once: the proxy answers 221 itself and
+/// Postfix never sees the session (no smtpd spawned for nothing). The control, EHLO then
+/// QUIT after the upgrade from another address, does reach Postfix, later in time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quit_right_after_starttls_is_answered_without_contacting_postfix() {
+    let pki = TestPki::new();
+    let mx = pki.server_cert("mx", &["mx.example.test"], false);
+    let pf = Postfix::start(PostfixOptions::default());
+    let proxy = spawn_proxy(&starttls_yaml(&pf, &mx));
+    let upgraded = |ip: &'static str| {
+        let (proxy, ca) = (&proxy, pki.server_ca_der());
+        async move {
+            let tcp = connect_from(ip, proxy.addr("smtp")).await;
+            let client = tcp.local_addr().unwrap();
+            let mut smtp = Smtp::new(tcp);
+            assert!(smtp.reply().await.unwrap().starts_with("220"));
+            assert!(smtp.cmd("EHLO probe.test").await.starts_with("250"));
+            assert!(smtp.cmd("STARTTLS").await.starts_with("220"));
+            let tls = tls_handshake(smtp.stream, verifying_client(ca), Some("mx.example.test"))
+                .await
+                .unwrap();
+            (Smtp::new(tls), client)
+        }
+    };
+    let (mut probe, probe_addr) = upgraded("127.0.0.9").await;
+    assert_eq!(probe.cmd("QUIT").await, "221 2.0.0 Bye\r\n");
+    assert!(probe.reply().await.is_err(), "closed after the 221");
+    let line = proxy.session_line(probe_addr).await;
+    assert_eq!(line["outcome"], "client_closed");
+    assert_eq!(line["transport"], "starttls");
+    assert_eq!(line["upstream_addr"], "", "no upstream connection");
+
+    let (mut control, _) = upgraded("127.0.0.10").await;
+    assert!(control.cmd("EHLO control.test").await.starts_with("250"));
+    assert!(control.cmd("QUIT").await.starts_with("221"));
+    pf.wait_for_log("[127.0.0.10]", PF_WAIT);
+    assert!(
+        !pf.log().contains("[127.0.0.9]"),
+        "the probe reached Postfix:\n{}",
+        pf.log()
+    );
+}

@@ -144,9 +144,27 @@ where
 {
     let session = Box::pin(session.into_tls(Transport::Starttls)).await?;
     let (session, first) = session.first_command(pretls::READ).await?;
+    if is_lone_quit(&first) {
+        // TLS scanners and policy probes upgrade and leave: answered here, the MTA never
+        // spawns an smtpd for a session that carries nothing.
+        return Err(session.end(Ended::replying(
+            Outcome::ClientClosed,
+            b"221 2.0.0 Bye\r\n".to_vec(),
+        )));
+    }
     let (mut session, mut up) = Box::pin(connect_greeted(session)).await?;
     let ended = session.relay(&mut up, SmtpStream::default(), first).await;
     Ok(session.end(ended))
+}
+
+/// `QUIT` alone (any case, optional trailing blanks, CRLF or bare LF), nothing after it.
+fn is_lone_quit(first: &[u8]) -> bool {
+    let line = first
+        .strip_suffix(b"\r\n")
+        .or_else(|| first.strip_suffix(b"\n"))
+        .unwrap_or(b"");
+    let line = line.trim_ascii_end();
+    line.eq_ignore_ascii_case(b"QUIT")
 }
 
 /// Port 25 without STARTTLS: one coherent plaintext session through the upstream.
@@ -234,4 +252,32 @@ fn verbs(bytes: &[u8]) -> String {
         out.push("...".to_owned());
     }
     out.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_a_lone_quit_is_answered_locally() {
+        for yes in [&b"QUIT\r\n"[..], b"quit\r\n", b"Quit  \r\n", b"QUIT\n"] {
+            assert!(
+                super::is_lone_quit(yes),
+                "{:?}",
+                String::from_utf8_lossy(yes)
+            );
+        }
+        for no in [
+            &b"QUIT"[..],
+            b"QUIT\r\nEHLO x\r\n",
+            b"QUITX\r\n",
+            b"EHLO x\r\n",
+            b"\r\n",
+            b"",
+        ] {
+            assert!(
+                !super::is_lone_quit(no),
+                "{:?}",
+                String::from_utf8_lossy(no)
+            );
+        }
+    }
 }
