@@ -224,18 +224,9 @@ impl Renewing {
     }
 
     fn check(&self) -> String {
-        let out = std::process::Command::new(binary())
-            .arg("check")
-            .arg("--config")
-            .arg(&self.config)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
+        let (code, out, err) = run_check(&self.config, &[]);
+        assert_eq!(code, 0, "{err}");
+        out
     }
 }
 

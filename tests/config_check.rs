@@ -10,19 +10,7 @@ use std::process::Command;
 
 use common::*;
 
-fn check(config: &Path, env: &[(&str, &str)]) -> (i32, String, String) {
-    let mut cmd = Command::new(binary());
-    cmd.arg("check").arg("--config").arg(config);
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let out = cmd.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::run_check as check;
 
 #[test]
 fn the_shipped_proxy_yaml_is_valid() {

@@ -14,6 +14,8 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rcgen::KeyPair;
+use rustls_pki_types::PrivatePkcs8KeyDer;
+use rustls_pki_types::pem::PemObject;
 
 use crate::config::AcmeSpec;
 
@@ -65,13 +67,9 @@ impl SecureDirCache {
         else {
             return Ok(None);
         };
-        let text = String::from_utf8_lossy(&pem);
-        let end = "-----END PRIVATE KEY-----";
-        let key = match text.find(end) {
-            Some(i) => &text[..i + end.len()],
-            None => return Err(format!("{}: no PKCS#8 private key", path.display())),
-        };
-        KeyPair::from_pem(key)
+        let key = PrivatePkcs8KeyDer::from_pem_slice(&pem)
+            .map_err(|e| format!("{}: no PKCS#8 private key ({e})", path.display()))?;
+        KeyPair::try_from(&key)
             .map(Some)
             .map_err(|e| format!("{}: {e}", path.display()))
     }

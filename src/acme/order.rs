@@ -22,6 +22,10 @@ use super::{AcmeSlot, event, next_renewal};
 use crate::config::AcmeSpec;
 use crate::tls::cert;
 
+/// What an operator checks when validation fails (README "Certificates from ACME").
+const VALIDATION_HINT: &str = "the ACME server connects to port 443 of each domain, which must \
+reach an implicit listener of this proxy (DNS and firewall included)";
+
 /// How long one order may wait for validation, then for issuance.
 const POLL: RetryPolicy = RetryPolicy::new()
     .initial_delay(Duration::from_millis(250))
@@ -124,10 +128,12 @@ async fn order(
     let status = order
         .poll_ready(&POLL)
         .await
-        .map_err(|e| format!("validation: {e}"))?;
+        .map_err(|e| format!("validation: {e}; {VALIDATION_HINT}"))?;
     slot.answers.clear();
     if status != OrderStatus::Ready {
-        return Err(format!("order is {status:?} after validation"));
+        return Err(format!(
+            "order is {status:?} after validation; {VALIDATION_HINT}"
+        ));
     }
     let mut params =
         CertificateParams::new(slot.spec.domains.clone()).map_err(|e| format!("CSR: {e}"))?;
@@ -200,13 +206,13 @@ fn new_key() -> Result<KeyPair, String> {
 /// was used), stores it, and logs its TLSA value so it can be published ahead of its use.
 fn announce_next_key(slot: &AcmeSlot, cache: &SecureDirCache, replace: bool) {
     let path = cache.next_key_file();
-    let existing = match cache.read_key(&path) {
-        Ok(k) if !replace => k,
-        Ok(_) => None,
-        Err(e) => {
+    let existing = if replace {
+        None
+    } else {
+        cache.read_key(&path).unwrap_or_else(|e| {
             tracing::warn!(domains = %slot.label(), error = %e, "acme: the next key is unusable; making a new one");
             None
-        }
+        })
     };
     let key = match existing {
         Some(k) => k,

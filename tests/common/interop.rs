@@ -236,7 +236,7 @@ impl SenderPostfix {
                     .join(" ")
             );
         }
-        master += SENDER_INTERNAL;
+        master += crate::common::postfix::MASTER_INTERNAL;
         write_backdated(&format!("{d}/conf/master.cf"), &master);
         write_backdated(
             &format!("{d}/conf/main.cf"),
@@ -347,23 +347,6 @@ impl Drop for SenderPostfix {
         }
     }
 }
-
-/// Internal services of the sending instance (chroot n everywhere, as in `common::postfix`).
-const SENDER_INTERNAL: &str = "\
-pickup    unix  n  -  n  60     1  pickup
-cleanup   unix  n  -  n  -      0  cleanup
-qmgr      unix  n  -  n  300    1  qmgr
-tlsmgr    unix  -  -  n  1000?  1  tlsmgr
-rewrite   unix  -  -  n  -      -  trivial-rewrite
-bounce    unix  -  -  n  -      0  bounce
-defer     unix  -  -  n  -      0  bounce
-trace     unix  -  -  n  -      0  bounce
-error     unix  -  -  n  -      -  error
-retry     unix  -  -  n  -      -  error
-anvil     unix  -  -  n  -      1  anvil
-scache    unix  -  -  n  -      1  scache
-postlog   unix-dgram n - n - 1     postlogd
-";
 
 /// One message by SMTP (blocking, bounded): greeting, EHLO, MAIL, RCPT, DATA, QUIT.
 /// `body` lines end in CRLF; lines starting with "." are dot-stuffed here.

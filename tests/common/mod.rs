@@ -200,6 +200,21 @@ pub fn binary() -> String {
         .unwrap_or_else(|_| env!("CARGO_BIN_EXE_smtp-tls-proxy").to_owned())
 }
 
+/// Runs `smtp-tls-proxy check --config CONFIG` with `env`: (exit code, stdout, stderr).
+pub fn run_check(config: &Path, env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = Command::new(binary());
+    cmd.arg("check").arg("--config").arg(config);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Writes `yaml` to a temp dir and starts the proxy on it. Listeners should use port 0; the
 /// bound addresses come from the proxy's `listening` log events. Returns once `ready` is logged.
 pub fn spawn_proxy(yaml: &str) -> RunningProxy {

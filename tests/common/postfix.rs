@@ -396,8 +396,9 @@ fn sasl_setup(d: &str, user: &str, password: &str) -> String {
 }
 
 /// Internal services (subset of Debian's master.cf) with chroot = n. virtual has unpriv = n: it
-/// starts as root and switches to `virtual_uid_maps`. postlog is needed for `maillog_file`.
-const MASTER_INTERNAL: &str = "\
+/// starts as root and switches to `virtual_uid_maps`. postlog is needed for `maillog_file`;
+/// scache serves the sending instances of the interop set (`common::interop`).
+pub const MASTER_INTERNAL: &str = "\
 pickup    unix  n  -  n  60     1  pickup
 cleanup   unix  n  -  n  -      0  cleanup
 qmgr      unix  n  -  n  300    1  qmgr
@@ -410,6 +411,7 @@ error     unix  -  -  n  -      -  error
 retry     unix  -  -  n  -      -  error
 virtual   unix  -  n  n  -      -  virtual
 anvil     unix  -  -  n  -      1  anvil
+scache    unix  -  -  n  -      1  scache
 postlog   unix-dgram n - n - 1     postlogd
 ";
 
