@@ -35,6 +35,7 @@ pub(crate) struct Metrics {
     pub client_certs: F<ClientCertLabels, Counter>,
     pub transports: F<TransportLabels, Counter>,
     pub pipelined_discarded: F<ListenerLabel, Counter>,
+    smuggling_guard: F<GuardLabels, Counter>,
     pub bytes: F<DirectionLabels, Counter>,
     pub upstream_failures: F<UpstreamFailureLabels, Counter>,
     pub upstream_connect: F<UpstreamLabel, Histogram>,
@@ -63,6 +64,7 @@ impl Metrics {
             client_certs: F::default(),
             transports: F::default(),
             pipelined_discarded: F::default(),
+            smuggling_guard: F::default(),
             bytes: F::default(),
             upstream_failures: F::default(),
             upstream_connect: F::new_with_constructor(connect_histogram),
@@ -115,6 +117,11 @@ impl Metrics {
             "Bytes pipelined after STARTTLS and discarded",
             m.pipelined_discarded.clone(),
         );
+        r.register(
+            "smuggling_guard_sessions",
+            "Sessions whose DATA held bare CR/LF line endings, by the guard's action",
+            m.smuggling_guard.clone(),
+        );
         r.register("relayed_bytes", "Bytes by direction", m.bytes.clone());
         r.register(
             "upstream_connect_failures",
@@ -161,6 +168,17 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+
+    /// A session whose DATA content the smuggling guard changed or refused (`action`:
+    /// `normalized` or `rejected`).
+    pub(crate) fn smuggling_guard(&self, listener: &str, action: &'static str) {
+        self.smuggling_guard
+            .get_or_create(&GuardLabels {
+                listener: listener.to_owned(),
+                action: action.to_owned(),
+            })
+            .inc();
     }
 
     /// Everything the session's summary line says that is also a metric. `transport` is

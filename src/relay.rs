@@ -113,6 +113,9 @@ pub(crate) enum RelayEnd {
     Reset,
     /// The upstream sent something that is not an SMTP reply (or an endless one).
     UpstreamProtocol(String),
+    /// The proxy refused the client's DATA content (the smuggling guard's `reject`) and
+    /// closed the session with a 421.
+    Refused(&'static str),
 }
 
 /// Relays until both sides are done, an error, or `idle` without a byte either way.
@@ -136,6 +139,9 @@ where
     let mut to_client = Vec::new();
     let mut client_open = true;
     let mut upstream_shut = false;
+    // False once the guard's `reject` closed the upstream mid-DATA: nothing more is read
+    // from it or written to it.
+    let mut upstream_open = true;
     // One timer for both the idle deadline and the buffer release; traffic only moves
     // `last`, and the timer is re-armed lazily when it fires early.
     let mut last = Instant::now();
@@ -147,7 +153,15 @@ where
             let n = smtp.client_bytes(&held, &mut to_upstream, &mut to_client);
             held.drain(..n);
         }
-        if !to_upstream.is_empty() {
+        if smtp.take_abort_upstream() {
+            // The MTA sees its connection end before the end of data: it discards the
+            // partial message. The rest of the content is read and dropped by `smtp`.
+            to_upstream.clear();
+            upstream_open = false;
+            upstream_shut = true;
+            let _ = upstream.shutdown().await;
+        }
+        if !to_upstream.is_empty() && upstream_open {
             if let Err(end) = write(upstream, &to_upstream, idle).await {
                 break end;
             }
@@ -158,6 +172,15 @@ where
                 break end;
             }
             to_client.clear();
+        }
+        if smtp.is_closed() {
+            let _ = write(client, &crate::smtp::reply::closing(hostname), idle).await;
+            let _ = client.shutdown().await;
+            break RelayEnd::Refused("bare line ending in DATA");
+        }
+        if !client_open && !upstream_open {
+            // The client left while its refused content was being discarded.
+            break RelayEnd::Closed;
         }
         if !client_open && held.is_empty() && !upstream_shut {
             upstream_shut = true;
@@ -180,7 +203,7 @@ where
                 }
                 Err(_) => break RelayEnd::Reset,
             },
-            r = read_into(upstream, &mut from_upstream) => match r {
+            r = read_into(upstream, &mut from_upstream), if upstream_open => match r {
                 Ok(0) | Err(_) => {
                     let _ = client.shutdown().await;
                     if client_open {

@@ -177,6 +177,22 @@ pub struct ListenerFile {
     pub deny: Vec<IpNet>,
     #[serde(default)]
     pub limits: LimitsFile,
+    /// What bare CR/LF line endings in DATA content get (SMTP smuggling).
+    #[serde(default)]
+    pub smuggling_guard: SmugglingGuard,
+}
+
+/// `listeners.*.smuggling_guard`.
+#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum SmugglingGuard {
+    /// Byte for byte, as before 2026-12.
+    Off,
+    /// Bare line endings become CRLF, unterminated `.` lines are stuffed.
+    #[default]
+    Normalize,
+    /// `550 5.5.2` and the MTA's partial message discarded.
+    Reject,
 }
 
 /// `listeners.*.mode`.

@@ -12,7 +12,7 @@ use std::path::Path;
 use figment::Figment;
 use figment::providers::{Env, Format};
 
-pub use file::{ClientCertMode, LogFormat, Mode, ProxyVersion, UnknownSni};
+pub use file::{ClientCertMode, LogFormat, Mode, ProxyVersion, SmugglingGuard, UnknownSni};
 pub use validate::{
     AcmeSpec, CertificateSource, Config, Limits, ListenerConfig, LogConfig, Rate, UpstreamConfig,
     UpstreamTls,

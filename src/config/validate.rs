@@ -14,7 +14,7 @@ use super::ConfigError;
 use super::certificates::certificate;
 use super::file::{
     ClientCertMode, FileConfig, LimitsFile, ListenerFile, LogFormat, Mode, ProxyVersion,
-    UnknownSni, UpstreamFile,
+    SmugglingGuard, UnknownSni, UpstreamFile,
 };
 
 /// The validated configuration: everything cross-checked, nothing left "to be set later".
@@ -108,6 +108,7 @@ pub struct ListenerConfig {
     pub allow: Vec<IpNet>,
     pub deny: Vec<IpNet>,
     pub limits: Limits,
+    pub smuggling_guard: SmugglingGuard,
 }
 
 #[derive(Debug, Clone)]
@@ -302,6 +303,7 @@ fn listener(
         allow: l.allow,
         deny: l.deny,
         limits,
+        smuggling_guard: l.smuggling_guard,
     })
 }
 

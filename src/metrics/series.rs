@@ -33,6 +33,12 @@ impl Metrics {
         let _ = self
             .pipelined_discarded
             .get_or_create(&ListenerLabel { listener: l() });
+        for a in known.guard_actions {
+            let _ = self.smuggling_guard.get_or_create(&GuardLabels {
+                listener: l(),
+                action: (*a).to_owned(),
+            });
+        }
         for r in known.handshake_failures {
             let _ = self.handshakes.get_or_create(&HandshakeLabels {
                 listener: l(),
@@ -105,6 +111,8 @@ pub(crate) struct KnownLabels<'a> {
     /// `None` for `client_cert: none` (no client certificate is ever asked for).
     pub(crate) client_cert_mode: Option<&'static str>,
     pub(crate) client_cert_verify: &'a [&'static str],
+    /// The smuggling guard's actions (empty when the listener's guard is `off`).
+    pub(crate) guard_actions: &'a [&'static str],
 }
 
 /// One listener's counter handles, bumped without label lookups.

@@ -149,6 +149,11 @@ pub(super) fn publish_series(snapshot: &Snapshot) {
                 client_cert_mode: (mode != crate::config::ClientCertMode::None)
                     .then(|| mode.as_str()),
                 client_cert_verify: &crate::tls::client_auth::ClientVerify::CLASSES,
+                guard_actions: if l.config.smuggling_guard == crate::config::SmugglingGuard::Off {
+                    &[]
+                } else {
+                    &crate::smtp::stream::GuardAction::ACTIONS
+                },
             },
         );
     }

@@ -5,7 +5,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::report::{Outcome, Transport};
 use super::{Ended, Finished, Session, write_reply};
-use crate::smtp::stream::{STARTTLS_IN_TLS, SmtpStream};
+use crate::smtp::stream::Path;
 
 pub(super) async fn run<S>(session: Session<S>) -> Result<Finished, Finished>
 where
@@ -18,8 +18,6 @@ where
         return Err(session.end(Ended::silent(Outcome::Reset)));
     }
     session.facts.bytes_from_upstream = up.greeting.len() as u64;
-    let ended = session
-        .relay(&mut up, SmtpStream::new(STARTTLS_IN_TLS), Vec::new())
-        .await;
+    let ended = session.relay(&mut up, Path::Tls, Vec::new()).await;
     Ok(session.end(ended))
 }

@@ -10,12 +10,14 @@ use tokio_rustls::server::TlsStream;
 
 use super::report::{Facts, LimitKind, Outcome, Phase, SessionReport, Transport};
 use super::{trusted_balancer, write_reply};
+use crate::config::SmugglingGuard;
 use crate::io::Prefixed;
 use crate::limits::IpSlot;
 use crate::proxy_header::inbound;
 use crate::relay::{self, RelayEnd};
+use crate::smtp::guard::GuardMode;
 use crate::smtp::reply;
-use crate::smtp::stream::SmtpStream;
+use crate::smtp::stream::{Path, SmtpStream};
 use crate::snapshot::ListenerRuntime;
 use crate::tls::HandshakeFailure;
 use crate::upstream::{self, Upstream, UpstreamError};
@@ -270,13 +272,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     /// and the upstream: a future that took them by value would be laid out beside the
     /// moved-from locals of its caller, and an idle session's task would carry both copies
     /// (measured: +4 KiB per idle session).
-    pub(crate) async fn relay(
-        &mut self,
-        up: &mut Upstream,
-        mut smtp: SmtpStream,
-        pending: Vec<u8>,
-    ) -> Ended {
+    pub(crate) async fn relay(&mut self, up: &mut Upstream, path: Path, pending: Vec<u8>) -> Ended {
         let cfg = &self.facts.listener.config;
+        let mut smtp = SmtpStream::new(path, guard_mode(cfg.smuggling_guard));
         let (idle, hostname) = (cfg.limits.idle_timeout, cfg.hostname.as_str());
         let r = relay::relay(
             &mut self.io,
@@ -291,12 +289,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         f.bytes_from_client += r.bytes_from_client;
         f.bytes_from_upstream += r.bytes_from_upstream;
         f.client_close = r.client_close;
+        f.guard = smtp.guard_action();
         // Nothing is owed: the relay wrote whatever the client had to hear.
         Ended::silent(match r.end {
             RelayEnd::Closed => Outcome::Relayed,
             RelayEnd::IdleTimeout => Outcome::Timeout(Phase::Idle),
             RelayEnd::Reset => Outcome::Reset,
             RelayEnd::UpstreamProtocol(e) => Outcome::UpstreamFailed(e),
+            RelayEnd::Refused(why) => Outcome::ProtocolError(why.to_owned()),
         })
+    }
+}
+
+fn guard_mode(configured: SmugglingGuard) -> GuardMode {
+    match configured {
+        SmugglingGuard::Off => GuardMode::Off,
+        SmugglingGuard::Normalize => GuardMode::Normalize,
+        SmugglingGuard::Reject => GuardMode::Reject,
     }
 }

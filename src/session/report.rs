@@ -10,6 +10,7 @@ use super::Peer;
 use crate::config::ProxyVersion;
 use crate::proxy_header::outbound::{self, ClientCertHeader, TlsHeaderFacts};
 pub(crate) use crate::relay::ClientClose;
+use crate::smtp::stream::GuardAction;
 use crate::snapshot::ListenerRuntime;
 use crate::tls::TlsFacts;
 use crate::tls::client_auth::ClientVerify;
@@ -182,6 +183,8 @@ pub(crate) struct Facts {
     pub bytes_from_client: u64,
     pub bytes_from_upstream: u64,
     pub client_close: Option<ClientClose>,
+    /// What the smuggling guard did to DATA content, if anything.
+    pub guard: Option<GuardAction>,
     pub started: Instant,
 }
 
@@ -199,6 +202,7 @@ impl Facts {
             bytes_from_client: 0,
             bytes_from_upstream: 0,
             client_close: None,
+            guard: None,
             started: Instant::now(),
         }
     }
@@ -251,6 +255,9 @@ impl SessionReport {
             f.bytes_from_client,
             f.bytes_from_upstream,
         );
+        if let Some(action) = f.guard {
+            m.smuggling_guard(&cfg.name, action.action());
+        }
         let tls = f.tls.as_ref();
         let cc = tls.and_then(|t| t.client_cert.as_ref());
         tracing::info!(
@@ -274,6 +281,7 @@ impl SessionReport {
             bytes_from_client = f.bytes_from_client,
             bytes_from_upstream = f.bytes_from_upstream,
             client_close = f.client_close.map(ClientClose::as_str).unwrap_or(""),
+            bare_lf = %f.guard.map(|g| g.to_string()).unwrap_or_default(),
             duration_ms = f.started.elapsed().as_millis() as u64,
             outcome = self.outcome.kind(),
             reason = %self.outcome.reason(),

@@ -12,7 +12,7 @@ use super::{Ended, Finished, Session, write_reply};
 use crate::smtp::dialogue::{self, CloseReason, Dialogue, Greet};
 use crate::smtp::pretls::{self, Handoff, Next, PreTls};
 use crate::smtp::reply;
-use crate::smtp::stream::{STARTTLS_AFTER_HANDOFF, SmtpStream};
+use crate::smtp::stream::Path;
 use crate::upstream::{Upstream, UpstreamError};
 
 pub(super) async fn run<S>(
@@ -153,7 +153,7 @@ where
         )));
     }
     let (mut session, mut up) = Box::pin(connect_greeted(session)).await?;
-    let ended = session.relay(&mut up, SmtpStream::default(), first).await;
+    let ended = session.relay(&mut up, Path::Tls, first).await;
     Ok(session.end(ended))
 }
 
@@ -204,9 +204,7 @@ where
             }));
         }
     }
-    let ended = session
-        .relay(&mut up, SmtpStream::new(STARTTLS_AFTER_HANDOFF), forward)
-        .await;
+    let ended = session.relay(&mut up, Path::Plaintext, forward).await;
     Ok(session.end(ended))
 }
 

@@ -4,6 +4,7 @@
 //! is accepted; RSET and HELP are answered before TLS even on `require_starttls`
 //! listeners; AUTH before TLS is refused on every listener; HTTP verbs close at once.
 
+use super::command::{self, Reading, Verb};
 use super::line::LineEvent;
 
 /// Rejected commands before `421 4.7.0` and close (SPEC: 10).
@@ -118,52 +119,57 @@ impl Dialogue {
     }
 
     fn on_line(&mut self, line: &[u8]) -> Step {
-        if line
-            .iter()
-            .any(|&b| b == 0 || (b < 0x20 && b != b'\t') || b == 0x7f)
-        {
-            return self.reject("500 5.5.2 Error: bad character in command");
-        }
-        let Ok(text) = std::str::from_utf8(line) else {
-            return self.reject("500 5.5.2 Error: bad character in command");
+        // The session's one reading of a command line (`command`), shared with the follower.
+        let Reading::Command { verb, arg } = command::read(line) else {
+            return self.reject(command::BAD_CHAR);
         };
-        let (verb, arg) = match text.split_once(' ') {
-            Some((v, a)) => (v, a.trim()),
-            None => (text, ""),
+        let Ok(arg) = std::str::from_utf8(arg) else {
+            return self.reject(command::BAD_CHAR);
         };
-        match verb.to_ascii_uppercase().as_str() {
-            "EHLO" if arg.is_empty() => self.reject("501 5.5.4 Syntax: EHLO hostname"),
-            "EHLO" => {
+        match verb {
+            Verb::Ehlo if arg.is_empty() => self.reject("501 5.5.4 Syntax: EHLO hostname"),
+            Verb::Ehlo => {
                 self.greet = Some(Greet::Ehlo(arg.to_owned()));
                 Step::Reply(self.ehlo_reply())
             }
-            "HELO" if arg.is_empty() => self.reject("501 5.5.4 Syntax: HELO hostname"),
-            "HELO" => {
+            Verb::Helo if arg.is_empty() => self.reject("501 5.5.4 Syntax: HELO hostname"),
+            Verb::Helo => {
                 self.greet = Some(Greet::Helo(arg.to_owned()));
                 Step::Reply(format!("250 {}\r\n", self.hostname).into_bytes())
             }
-            "NOOP" => Step::Reply(b"250 2.0.0 OK\r\n".to_vec()),
-            "RSET" => Step::Reply(b"250 2.0.0 OK\r\n".to_vec()),
-            "HELP" => Step::Reply(b"214 2.0.0 See RFC 5321\r\n".to_vec()),
-            "QUIT" => Step::Quit(b"221 2.0.0 Bye\r\n".to_vec()),
-            "STARTTLS" if !arg.is_empty() => self.reject("501 5.5.4 Syntax: STARTTLS"),
-            "STARTTLS" => Step::StartTls(b"220 2.0.0 Ready to start TLS\r\n".to_vec()),
+            Verb::Noop | Verb::Rset => Step::Reply(b"250 2.0.0 OK\r\n".to_vec()),
+            Verb::Help => Step::Reply(b"214 2.0.0 See RFC 5321\r\n".to_vec()),
+            Verb::Quit => Step::Quit(b"221 2.0.0 Bye\r\n".to_vec()),
+            Verb::Starttls if !arg.is_empty() => self.reject("501 5.5.4 Syntax: STARTTLS"),
+            Verb::Starttls => Step::StartTls(b"220 2.0.0 Ready to start TLS\r\n".to_vec()),
             // Credentials never travel in plaintext, whatever the listener says.
-            "AUTH" => self.reject("530 5.7.0 Must issue a STARTTLS command first"),
-            "MAIL" | "RCPT" | "DATA" | "BDAT" | "VRFY" | "EXPN" | "ETRN"
+            Verb::Auth => self.reject("530 5.7.0 Must issue a STARTTLS command first"),
+            Verb::Mail
+            | Verb::Rcpt
+            | Verb::Data
+            | Verb::Bdat
+            | Verb::Vrfy
+            | Verb::Expn
+            | Verb::Etrn
                 if self.require_starttls =>
             {
                 self.reject("530 5.7.0 Must issue a STARTTLS command first")
             }
-            "MAIL" | "RCPT" | "DATA" | "BDAT" | "VRFY" | "EXPN" | "ETRN" => {
-                Step::PassThrough(line.to_vec())
-            }
+            Verb::Mail
+            | Verb::Rcpt
+            | Verb::Data
+            | Verb::Bdat
+            | Verb::Vrfy
+            | Verb::Expn
+            | Verb::Etrn => Step::PassThrough(line.to_vec()),
             // Cross-protocol attempts (ALPACA, HTTP to port 25): no dialogue with them.
-            "GET" | "POST" | "CONNECT" | "PUT" | "HEAD" | "HOST:" => Step::Close {
+            Verb::Http => Step::Close {
                 reply: b"221 2.7.0 Error: I can break rules, too. Goodbye.\r\n".to_vec(),
                 reason: CloseReason::CrossProtocol,
             },
-            _ => self.reject("502 5.5.2 Error: command not recognized"),
+            Verb::Xclient | Verb::Xforward | Verb::Other => {
+                self.reject("502 5.5.2 Error: command not recognized")
+            }
         }
     }
 

@@ -1,17 +1,23 @@
-//! Removes `STARTTLS` from an upstream EHLO reply (RFC 3207 §4.2: never offered after the
-//! handshake). The last remaining line gets the `250 ` separator.
+//! Removes keywords from an upstream EHLO reply: `STARTTLS` always (RFC 3207 §4.2: never
+//! offered after the handshake), and whatever else the follower refuses (`stream`). The
+//! last remaining line gets the `250 ` separator.
 
 /// `reply` is one complete reply. Non-2xx and single-line replies come back unchanged.
 /// The first line is the server's domain (RFC 5321 §4.1.1.1 `ehlo-ok-rsp`), never an
 /// extension, so it is always kept: the client gets a reply whatever the upstream sent.
 pub(crate) fn strip_starttls(reply: &[u8]) -> Vec<u8> {
+    strip_keywords(reply, |k| k.eq_ignore_ascii_case(b"STARTTLS"))
+}
+
+/// As [`strip_starttls`], removing every line whose keyword `drop` says so.
+pub(crate) fn strip_keywords(reply: &[u8], drop: impl Fn(&[u8]) -> bool) -> Vec<u8> {
     if !reply.starts_with(b"2") || !reply.contains(&b'-') {
         return reply.to_vec();
     }
     let lines: Vec<&[u8]> = reply
         .split_inclusive(|&b| b == b'\n')
         .enumerate()
-        .filter(|&(i, l)| i == 0 || !is_starttls_line(l))
+        .filter(|&(i, l)| i == 0 || !keyword(l).is_some_and(&drop))
         .map(|(_, l)| l)
         .collect();
     let mut out = Vec::with_capacity(reply.len());
@@ -27,13 +33,12 @@ pub(crate) fn strip_starttls(reply: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A line whose EHLO keyword (first word, RFC 5321 `ehlo-line`) is STARTTLS, any case.
-fn is_starttls_line(line: &[u8]) -> bool {
+/// A line's EHLO keyword (first word, RFC 5321 `ehlo-line`).
+fn keyword(line: &[u8]) -> Option<&[u8]> {
     line.get(4..)
         .unwrap_or_default()
         .split(u8::is_ascii_whitespace)
         .find(|word| !word.is_empty())
-        .is_some_and(|word| word.eq_ignore_ascii_case(b"STARTTLS"))
 }
 
 /// The extensions the proxy can carry through a plaintext hand-off (it follows commands,

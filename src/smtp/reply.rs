@@ -116,6 +116,12 @@ pub(crate) fn access_denied(hostname: &str) -> Vec<u8> {
     format!("554 5.7.1 {hostname} Access denied\r\n").into_bytes()
 }
 
+/// `421 4.7.0`: the proxy refused the session's content (the smuggling guard's `reject`);
+/// the upstream connection is gone, so the session ends here.
+pub(crate) fn closing(hostname: &str) -> Vec<u8> {
+    format!("421 4.7.0 {hostname} Error: closing connection\r\n").into_bytes()
+}
+
 /// `421 4.3.0`: SIGTERM reached a session still in the pre-TLS dialogue.
 pub(crate) fn shutting_down(hostname: &str) -> Vec<u8> {
     format!("421 4.3.0 {hostname} Service shutting down, try again later\r\n").into_bytes()

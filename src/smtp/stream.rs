@@ -1,16 +1,27 @@
-//! Following the SMTP stream after the upgrade (sans-IO), just enough to answer STARTTLS
-//! ourselves (`554 5.5.1`, never relayed) and to strip STARTTLS from every EHLO reply.
-//! Commands vs content: DATA content runs to the strict `CRLF.CRLF` (bare LF never ends
-//! it: SMTP smuggling) and is passed byte for byte; BDAT content is counted. Each command
-//! the upstream answers queues an `Expect`; replies are matched in order (RFC 2920).
+//! Following the SMTP stream after the hand-off (sans-IO), so the proxy reads the session
+//! exactly as the MTA does (catalogue §D2, SPEC §4 "Details"). Command lines are read with
+//! the session's one reading (`command`): STARTTLS is answered here (never relayed) and
+//! stripped from every EHLO reply; after a plaintext hand-off AUTH gets `538 5.7.11` and is
+//! stripped too; XCLIENT/XFORWARD are refused after every hand-off; a line with a control
+//! byte and a malformed BDAT are refused here. Content: DATA runs to the strict `CRLF.CRLF`
+//! and passes through the smuggling guard (`guard`); BDAT content is counted and passes
+//! byte for byte (length-framed: nothing to smuggle). Each command the upstream answers
+//! queues an `Expect`; replies are matched in order (RFC 2920).
 
 use std::collections::VecDeque;
 
-use super::ehlo::strip_starttls;
+use super::command::{self, Reading, Verb};
+use super::ehlo::strip_keywords;
+use super::guard::{Bare, Guard, GuardMode};
 use super::reply::{ReplyError, parse_reply};
 
-/// A command line longer than this is forwarded as it streams, without interpretation.
+/// A command line longer than this is classified by its first bytes (its verb) and, when
+/// it is relayed at all, forwarded as it streams.
 pub(crate) const MAX_TRACKED_LINE: usize = 1024;
+
+/// Replies owed to the client, at most: beyond this no client byte is read until the
+/// upstream has answered (a client pipelining refused commands cannot grow the queue).
+pub(crate) const MAX_OWED: usize = 256;
 
 const END_OF_DATA: &[u8; 5] = b"\r\n.\r\n";
 
@@ -60,8 +71,8 @@ pub(crate) fn scan_data(input: &[u8], mut matched: usize) -> (usize, usize) {
 pub(crate) enum Expect {
     /// A reply from the upstream to a forwarded command.
     Upstream(ReplyKind),
-    /// A reply of ours (to STARTTLS), sent once every earlier reply has been sent.
-    Local(Vec<u8>),
+    /// A reply of ours, sent once every earlier reply has been sent.
+    Local(&'static [u8]),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,21 +87,35 @@ enum State {
     Command,
     /// DATA was sent: no client byte is interpreted until its reply (354 or an error).
     AwaitDataReply,
-    /// Matched this many bytes of `END_OF_DATA`.
+    /// In DATA content; with the guard `off`, this many bytes of `END_OF_DATA` matched.
     Data(usize),
     /// This many BDAT content bytes still to pass.
     Bdat(u64),
+    /// The guard refused the content (`reject`): the session ends once the client has
+    /// its reply; client bytes are discarded.
+    Closed,
 }
 
-/// Both directions' parse state of one session.
-#[derive(Debug)]
-pub(crate) struct SmtpStream {
-    state: State,
-    line: Vec<u8>,
-    long_line: bool,
-    replies: Vec<u8>,
-    pub expects: VecDeque<Expect>,
-    starttls_reply: &'static [u8],
+/// What the proxy does with a command line, decided from its reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    /// Relay it; the upstream's reply is of this kind.
+    Forward(ReplyKind),
+    /// Relay it; the reply decides whether content follows (354).
+    Data,
+    /// Relay it; this many content bytes follow.
+    Bdat(u64),
+    /// Answer it here with this reply; never relayed.
+    Refuse(&'static [u8]),
+}
+
+/// Which way the session reached the follower: the refusals differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Path {
+    /// Inside TLS (implicit, or upgraded by STARTTLS).
+    Tls,
+    /// A plaintext hand-off on a STARTTLS listener (port 25 without `require_starttls`).
+    Plaintext,
 }
 
 /// Our reply to STARTTLS inside TLS, upgraded or implicit (Postfix's text; RFC 8314 §3.3).
@@ -98,23 +123,80 @@ pub(crate) const STARTTLS_IN_TLS: &[u8] = b"554 5.5.1 Error: TLS already active\
 /// After a plaintext hand-off: the session can no longer be upgraded.
 pub(crate) const STARTTLS_AFTER_HANDOFF: &[u8] =
     b"502 5.5.1 Error: STARTTLS is only available before the first mail command\r\n";
+/// AUTH in plaintext (RFC 4954 §6): credentials never travel in the clear.
+pub(crate) const AUTH_IN_PLAINTEXT: &[u8] =
+    b"538 5.7.11 Encryption required for requested authentication mechanism\r\n";
+/// XCLIENT/XFORWARD from a client: only the proxy speaks for the client (Postfix's text).
+pub(crate) const NOT_AUTHORIZED: &[u8] = b"550 5.7.0 Error: insufficient authorization\r\n";
+const BAD_CHAR: &[u8] = b"500 5.5.2 Error: bad character in command\r\n";
+const LINE_TOO_LONG: &[u8] = b"500 5.5.2 Error: line too long\r\n";
+const BDAT_SYNTAX: &[u8] = b"501 5.5.4 Syntax: BDAT count [LAST]\r\n";
+/// The guard's `reject` (Postfix's text for `smtpd_forbid_bare_newline`).
+const BARE_LF: &[u8] = b"550 5.5.2 Error: bare <LF> received\r\n";
+const BARE_CR: &[u8] = b"550 5.5.2 Error: bare <CR> received\r\n";
+
+/// What the smuggling guard did in a session (the `bare_lf` log field and its metric).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GuardAction {
+    /// Bare line endings were made CRLF (and `.` lines stuffed): this many bytes inserted.
+    Normalized(u64),
+    /// The content was refused and the session closed.
+    Rejected,
+}
+
+impl GuardAction {
+    /// The metric's `action` labels.
+    pub(crate) const ACTIONS: [&'static str; 2] = ["normalized", "rejected"];
+
+    pub(crate) fn action(self) -> &'static str {
+        match self {
+            GuardAction::Normalized(_) => "normalized",
+            GuardAction::Rejected => "rejected",
+        }
+    }
+}
+
+impl std::fmt::Display for GuardAction {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            GuardAction::Normalized(n) => write!(f, "normalized:{n}"),
+            GuardAction::Rejected => f.write_str("rejected"),
+        }
+    }
+}
+
+/// Both directions' parse state of one session.
+#[derive(Debug)]
+pub(crate) struct SmtpStream {
+    state: State,
+    path: Path,
+    line: Vec<u8>,
+    /// An over-long command line in progress, with what its first bytes decided.
+    long: Option<Action>,
+    replies: Vec<u8>,
+    pub expects: VecDeque<Expect>,
+    guard: Guard,
+    /// Set when `reject` trips, taken once by the relay, which then closes the upstream.
+    abort_upstream: bool,
+}
 
 impl Default for SmtpStream {
     fn default() -> Self {
-        Self::new(STARTTLS_IN_TLS)
+        Self::new(Path::Tls, GuardMode::default())
     }
 }
 
 impl SmtpStream {
-    /// `starttls_reply`: what a STARTTLS command gets (it is never relayed).
-    pub(crate) fn new(starttls_reply: &'static [u8]) -> Self {
+    pub(crate) fn new(path: Path, guard: GuardMode) -> Self {
         SmtpStream {
-            starttls_reply,
             state: State::Command,
+            path,
             line: Vec::new(),
-            long_line: false,
+            long: None,
             replies: Vec::new(),
             expects: VecDeque::new(),
+            guard: Guard::new(guard),
+            abort_upstream: false,
         }
     }
 
@@ -125,14 +207,39 @@ impl SmtpStream {
         self.expects.shrink_to_fit();
     }
 
-    /// Whether client input may be processed now (false while a DATA reply is awaited).
+    /// Whether client input may be processed now: not while a DATA reply is awaited, not
+    /// while `MAX_OWED` replies are owed, not after the guard closed the session.
     pub(crate) fn wants_client_input(&self) -> bool {
-        self.state != State::AwaitDataReply
+        !matches!(self.state, State::AwaitDataReply | State::Closed)
+            && self.expects.len() < MAX_OWED
+    }
+
+    /// True once, when the guard's `reject` has tripped: the caller closes the upstream
+    /// connection now, mid-DATA, so the MTA discards the partial message.
+    pub(crate) fn take_abort_upstream(&mut self) -> bool {
+        std::mem::take(&mut self.abort_upstream)
+    }
+
+    /// The session is over (the guard refused the content): once `to_client` is written,
+    /// the caller closes with a 421.
+    pub(crate) fn is_closed(&self) -> bool {
+        self.state == State::Closed && self.expects.is_empty()
+    }
+
+    /// What the guard did over the session, if anything.
+    pub(crate) fn guard_action(&self) -> Option<GuardAction> {
+        match self.guard.mode() {
+            GuardMode::Reject if self.guard.tripped().is_some() => Some(GuardAction::Rejected),
+            GuardMode::Normalize if self.guard.bare > 0 || self.guard.inserted > 0 => {
+                Some(GuardAction::Normalized(self.guard.inserted))
+            }
+            _ => None,
+        }
     }
 
     /// Processes client bytes: what to forward goes to `to_upstream`, replies of ours to
     /// `to_client`. Returns how many bytes were consumed (fewer when a DATA reply must come
-    /// first; the caller keeps the rest).
+    /// first, or too many replies are owed; the caller keeps the rest).
     pub(crate) fn client_bytes(
         &mut self,
         input: &[u8],
@@ -143,6 +250,7 @@ impl SmtpStream {
         while i < input.len() {
             match self.state {
                 State::AwaitDataReply => break,
+                State::Closed => i = input.len(),
                 State::Bdat(left) => {
                     let n = (left.min((input.len() - i) as u64)) as usize;
                     to_upstream.extend_from_slice(&input[i..i + n]);
@@ -154,7 +262,7 @@ impl SmtpStream {
                         State::Bdat(left)
                     };
                 }
-                State::Data(matched) => {
+                State::Data(matched) if self.guard.mode() == GuardMode::Off => {
                     let start = i;
                     let (used, matched) = scan_data(&input[i..], matched);
                     i += used;
@@ -166,78 +274,147 @@ impl SmtpStream {
                         self.state = State::Data(matched);
                     }
                 }
-                State::Command => {
-                    let rest = &input[i..];
-                    match memchr::memchr(b'\n', rest) {
-                        Some(lf) => {
-                            let part = &rest[..=lf];
-                            i += lf + 1;
-                            if self.long_line {
-                                to_upstream.extend_from_slice(part);
-                                self.long_line = false;
+                State::Data(_) => {
+                    let was_tripped = self.guard.tripped().is_some();
+                    let scanned = self.guard.content(&input[i..], to_upstream);
+                    i += scanned.used;
+                    let rejected = self.guard.mode() == GuardMode::Reject;
+                    let tripped = self.guard.tripped();
+                    if rejected && !was_tripped && tripped.is_some() {
+                        self.abort_upstream = true;
+                    }
+                    if scanned.end {
+                        self.state = match tripped.filter(|_| rejected) {
+                            Some(bare) => {
+                                let reply = if bare == Bare::Cr { BARE_CR } else { BARE_LF };
+                                self.expects.push_back(Expect::Local(reply));
+                                i = input.len();
+                                State::Closed
+                            }
+                            None => {
                                 self.expects.push_back(Expect::Upstream(ReplyKind::Other));
-                                continue;
+                                State::Command
                             }
-                            self.line.extend_from_slice(part);
-                            let line = std::mem::take(&mut self.line);
-                            if self.command_line(&line) {
-                                to_upstream.extend_from_slice(&line);
-                            }
-                        }
-                        None => {
-                            i = input.len();
-                            if self.long_line {
-                                to_upstream.extend_from_slice(rest);
-                            } else if self.line.len() + rest.len() > MAX_TRACKED_LINE {
-                                to_upstream.extend_from_slice(&self.line);
-                                to_upstream.extend_from_slice(rest);
-                                self.line.clear();
-                                self.long_line = true;
-                            } else {
-                                self.line.extend_from_slice(rest);
-                            }
-                        }
+                        };
                     }
                 }
+                State::Command if self.expects.len() >= MAX_OWED => break,
+                State::Command => i += self.command_bytes(&input[i..], to_upstream),
             }
         }
         self.flush_locals(to_client);
         i
     }
 
-    /// Classifies one complete command line; returns whether to forward it.
-    fn command_line(&mut self, line: &[u8]) -> bool {
-        let text = line.trim_ascii();
-        let (verb, arg) = match text.iter().position(|&b| b == b' ') {
-            Some(sp) => (&text[..sp], text[sp + 1..].trim_ascii()),
-            None => (text, &b""[..]),
-        };
-        let verb = verb.to_ascii_uppercase();
-        match verb.as_slice() {
-            b"STARTTLS" => {
-                self.expects
-                    .push_back(Expect::Local(self.starttls_reply.to_vec()));
-                return false;
+    /// Command-state bytes: up to and including one line end, or all of `rest`.
+    fn command_bytes(&mut self, rest: &[u8], to_upstream: &mut Vec<u8>) -> usize {
+        let Some(lf) = memchr::memchr(b'\n', rest) else {
+            match self.long {
+                Some(action) => {
+                    if action_forwards(action) {
+                        to_upstream.extend_from_slice(rest);
+                    }
+                }
+                None if self.line.len() + rest.len() > MAX_TRACKED_LINE => {
+                    let mut head = std::mem::take(&mut self.line);
+                    head.extend_from_slice(rest);
+                    let action = self.head_action(&head);
+                    if action_forwards(action) {
+                        to_upstream.extend_from_slice(&head);
+                    }
+                    self.long = Some(action);
+                }
+                None => self.line.extend_from_slice(rest),
             }
-            b"EHLO" | b"HELO" => self.expects.push_back(Expect::Upstream(ReplyKind::Ehlo)),
-            b"DATA" => {
+            return rest.len();
+        };
+        let part = &rest[..=lf];
+        if let Some(action) = self.long.take() {
+            if action_forwards(action) {
+                to_upstream.extend_from_slice(part);
+            }
+            self.act(action);
+            return lf + 1;
+        }
+        let action = if self.line.is_empty() {
+            let action = self.line_action(part);
+            if action_forwards(action) {
+                to_upstream.extend_from_slice(part);
+            }
+            action
+        } else {
+            self.line.extend_from_slice(part);
+            let action = self.line_action(&self.line);
+            if action_forwards(action) {
+                to_upstream.extend_from_slice(&self.line);
+            }
+            self.line.clear();
+            action
+        };
+        self.act(action);
+        lf + 1
+    }
+
+    /// A complete command line (its terminator included).
+    fn line_action(&self, line: &[u8]) -> Action {
+        let Reading::Command { verb, arg } = command::read(command::strip_terminator(line)) else {
+            return Action::Refuse(BAD_CHAR);
+        };
+        match verb {
+            Verb::Starttls => Action::Refuse(self.starttls_reply()),
+            Verb::Auth if self.path == Path::Plaintext => Action::Refuse(AUTH_IN_PLAINTEXT),
+            Verb::Xclient | Verb::Xforward => Action::Refuse(NOT_AUTHORIZED),
+            Verb::Ehlo | Verb::Helo => Action::Forward(ReplyKind::Ehlo),
+            Verb::Data => Action::Data,
+            Verb::Bdat => match command::bdat_size(arg) {
+                Some((size, _)) => Action::Bdat(size),
+                None => Action::Refuse(BDAT_SYNTAX),
+            },
+            _ => Action::Forward(ReplyKind::Other),
+        }
+    }
+
+    /// The first bytes of an over-long line (its end not seen): the verb decides. What is
+    /// refused whole is refused long too; a BDAT size may be cut off, so a long BDAT is
+    /// refused; a long DATA still waits for its reply.
+    fn head_action(&self, head: &[u8]) -> Action {
+        if head.iter().any(|&b| command::is_control(b)) {
+            return Action::Refuse(BAD_CHAR);
+        }
+        match command::verb_of(head) {
+            Verb::Starttls | Verb::Xclient | Verb::Xforward | Verb::Bdat => {
+                Action::Refuse(LINE_TOO_LONG)
+            }
+            Verb::Auth if self.path == Path::Plaintext => Action::Refuse(AUTH_IN_PLAINTEXT),
+            Verb::Ehlo | Verb::Helo => Action::Forward(ReplyKind::Ehlo),
+            Verb::Data => Action::Data,
+            _ => Action::Forward(ReplyKind::Other),
+        }
+    }
+
+    fn starttls_reply(&self) -> &'static [u8] {
+        match self.path {
+            Path::Tls => STARTTLS_IN_TLS,
+            Path::Plaintext => STARTTLS_AFTER_HANDOFF,
+        }
+    }
+
+    /// A command line has ended: what it owes and where the stream goes.
+    fn act(&mut self, action: Action) {
+        match action {
+            Action::Forward(kind) => self.expects.push_back(Expect::Upstream(kind)),
+            Action::Data => {
                 self.expects.push_back(Expect::Upstream(ReplyKind::Data));
                 self.state = State::AwaitDataReply;
             }
-            b"BDAT" => {
+            Action::Bdat(size) => {
                 self.expects.push_back(Expect::Upstream(ReplyKind::Other));
-                let size = arg
-                    .split(|&b| b == b' ')
-                    .next()
-                    .and_then(|s| std::str::from_utf8(s).ok())
-                    .and_then(|s| s.parse::<u64>().ok());
-                if let Some(size) = size.filter(|&s| s > 0) {
+                if size > 0 {
                     self.state = State::Bdat(size);
                 }
             }
-            _ => self.expects.push_back(Expect::Upstream(ReplyKind::Other)),
+            Action::Refuse(reply) => self.expects.push_back(Expect::Local(reply)),
         }
-        true
     }
 
     /// Processes upstream bytes into `to_client`: whole replies, EHLO replies filtered.
@@ -267,10 +444,15 @@ impl SmtpStream {
                 _ => ReplyKind::Other,
             };
             match kind {
-                ReplyKind::Ehlo => to_client.extend_from_slice(&strip_starttls(&reply)),
+                ReplyKind::Ehlo => {
+                    let plaintext = self.path == Path::Plaintext;
+                    to_client
+                        .extend_from_slice(&strip_keywords(&reply, |k| withheld(k, plaintext)));
+                }
                 ReplyKind::Data => {
                     if self.state == State::AwaitDataReply {
                         self.state = if span.code == 354 {
+                            self.guard.begin();
                             State::Data(2)
                         } else {
                             State::Command
@@ -286,12 +468,25 @@ impl SmtpStream {
     }
 
     fn flush_locals(&mut self, to_client: &mut Vec<u8>) {
-        while let Some(Expect::Local(_)) = self.expects.front() {
-            if let Some(Expect::Local(ours)) = self.expects.pop_front() {
-                to_client.extend_from_slice(&ours);
-            }
+        while let Some(&Expect::Local(ours)) = self.expects.front() {
+            self.expects.pop_front();
+            to_client.extend_from_slice(ours);
         }
     }
+}
+
+fn action_forwards(action: Action) -> bool {
+    !matches!(action, Action::Refuse(_))
+}
+
+/// EHLO keywords never relayed to the client: STARTTLS (answered here), XCLIENT and
+/// XFORWARD (refused here), and AUTH after a plaintext hand-off (`AUTH=` too, the old form).
+fn withheld(keyword: &[u8], plaintext: bool) -> bool {
+    let name = keyword.split(|&b| b == b'=').next().unwrap_or(keyword);
+    [&b"STARTTLS"[..], b"XCLIENT", b"XFORWARD"]
+        .iter()
+        .any(|k| name.eq_ignore_ascii_case(k))
+        || (plaintext && name.eq_ignore_ascii_case(b"AUTH"))
 }
 
 #[cfg(test)]

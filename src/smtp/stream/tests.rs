@@ -1,4 +1,5 @@
 use super::*;
+use crate::smtp::guard::GuardMode;
 
 fn client(s: &mut SmtpStream, input: &[u8]) -> (String, String, usize) {
     let (mut up, mut cl) = (Vec::new(), Vec::new());
@@ -37,9 +38,13 @@ fn every_ehlo_reply_is_filtered() {
     }
 }
 
+fn off() -> SmtpStream {
+    SmtpStream::new(Path::Tls, GuardMode::Off)
+}
+
 #[test]
 fn data_content_passes_byte_for_byte_and_ends_only_at_crlf_dot_crlf() {
-    let mut s = SmtpStream::default();
+    let mut s = off();
     let (up, _, n) = client(&mut s, b"DATA\r\nSTARTTLS\r\n");
     assert_eq!(up, "DATA\r\n");
     assert_eq!(n, 6, "content waits for the DATA reply");
@@ -89,16 +94,367 @@ fn bdat_content_is_not_interpreted() {
     let (up, cl, _) = client(&mut s, b"BDAT 10 LAST\r\nSTARTTLS\r\nNOOP\r\n");
     assert_eq!(up, "BDAT 10 LAST\r\nSTARTTLS\r\nNOOP\r\n");
     assert_eq!(cl, "");
+    assert_eq!(s.expects.len(), 2, "BDAT and NOOP");
+}
+
+#[test]
+fn bdat_chunks_are_counted_across_reads_and_zero_is_no_chunk() {
+    let mut s = SmtpStream::default();
+    let (up, _, _) = client(&mut s, b"BDAT 12\r\nSTART");
+    assert_eq!(up, "BDAT 12\r\nSTART");
+    let (up, _, _) = client(&mut s, b"TLS\r\nab");
+    assert_eq!(up, "TLS\r\nab", "7 content bytes left, 7 passed");
+    assert_eq!(s.expects.len(), 1);
+    // The chunk is over: the next line is a command again.
+    let (up, cl, _) = client(&mut s, b"STARTTLS\r\n");
+    assert_eq!(up, "");
+    assert_eq!(s.expects.len(), 2, "our 554 queued after the BDAT reply");
+    assert_eq!(cl, "");
+    let mut s = SmtpStream::default();
+    let (up, _, _) = client(&mut s, b"BDAT 0 LAST\r\nSTARTTLS\r\n");
+    assert_eq!(
+        up, "BDAT 0 LAST\r\n",
+        "an empty chunk: STARTTLS is a command"
+    );
+}
+
+#[test]
+fn tabs_separate_verbs_as_they_do_for_postfix() {
+    // HF-4: a tab after BDAT or its size still makes a chunk, for both sides.
+    for line in [
+        &b"BDAT\t10 LAST\r\n"[..],
+        b"BDAT 10\tLAST\r\n",
+        b"bdat\t10\r\n",
+    ] {
+        let mut s = SmtpStream::default();
+        let input = [line, b"STARTTLS\r\n"].concat();
+        let (up, cl, _) = client(&mut s, &input);
+        assert_eq!(up.as_bytes(), &input[..], "{line:?}");
+        assert_eq!(cl, "");
+    }
+    // EHLO with a tab is an EHLO: its reply loses STARTTLS.
+    let mut s = SmtpStream::default();
+    client(&mut s, b"EHLO\tclient.test\r\n");
+    assert_eq!(
+        upstream(&mut s, b"250-mx\r\n250-STARTTLS\r\n250 8BITMIME\r\n"),
+        "250-mx\r\n250 8BITMIME\r\n"
+    );
+}
+
+#[test]
+fn control_bytes_in_a_command_are_refused_never_relayed() {
+    // HF-3: Postfix reads `STARTTLS\x0b` as STARTTLS and `DATA\0x` as DATA.
+    for line in [
+        &b"STARTTLS\x0b\r\n"[..],
+        b"STARTTLS\x00x\r\n",
+        b"DATA\x0b\r\n",
+        b"DATA\x00\r\n",
+        b"NOOP\rx\r\n",
+        b"DATA\x7f\n",
+    ] {
+        let mut s = SmtpStream::default();
+        let (up, cl, n) = client(&mut s, line);
+        assert_eq!(up, "", "{line:?}");
+        assert_eq!(cl, "500 5.5.2 Error: bad character in command\r\n");
+        assert_eq!(n, line.len());
+        assert!(s.wants_client_input(), "still reading commands");
+    }
+}
+
+#[test]
+fn bdat_sizes_postfix_refuses_are_refused_here_and_not_counted() {
+    // HF-7.
+    for line in [
+        &b"BDAT +10 LAST\r\n"[..],
+        b"BDAT 18446744073709551615 LAST\r\n",
+        b"BDAT\r\n",
+        b"BDAT 10 LAST x\r\n",
+    ] {
+        let mut s = SmtpStream::default();
+        let (up, cl, _) = client(&mut s, &[line, b"NOOP\r\n"].concat());
+        assert_eq!(up, "NOOP\r\n", "{line:?}: refused, NOOP is a command");
+        assert_eq!(cl, "501 5.5.4 Syntax: BDAT count [LAST]\r\n");
+    }
+}
+
+#[test]
+fn after_a_plaintext_hand_off_auth_xclient_xforward_are_refused() {
+    // HF-1.
+    let mut s = SmtpStream::new(Path::Plaintext, GuardMode::Normalize);
+    let (up, cl, _) = client(
+        &mut s,
+        b"AUTH PLAIN AGFAYg==\r\nauth\tlogin\r\nXCLIENT ADDR=1.2.3.4\r\nXFORWARD NAME=x\r\nSTARTTLS\r\n",
+    );
+    assert_eq!(up, "");
+    assert_eq!(
+        cl,
+        "538 5.7.11 Encryption required for requested authentication mechanism\r\n\
+         538 5.7.11 Encryption required for requested authentication mechanism\r\n\
+         550 5.7.0 Error: insufficient authorization\r\n\
+         550 5.7.0 Error: insufficient authorization\r\n\
+         502 5.5.1 Error: STARTTLS is only available before the first mail command\r\n"
+    );
+    client(&mut s, b"EHLO a\r\n");
+    assert_eq!(
+        upstream(
+            &mut s,
+            b"250-mx\r\n250-AUTH PLAIN LOGIN\r\n250-AUTH=PLAIN LOGIN\r\n250-XCLIENT NAME\r\n\
+              250-XFORWARD NAME\r\n250-STARTTLS\r\n250-AUTHX\r\n250 SIZE 10\r\n"
+        ),
+        "250-mx\r\n250-AUTHX\r\n250 SIZE 10\r\n"
+    );
+}
+
+#[test]
+fn inside_tls_auth_passes_and_only_proxy_extensions_are_stripped() {
+    let mut s = SmtpStream::default();
+    let (up, cl, _) = client(&mut s, b"AUTH PLAIN AGFAYg==\r\nXCLIENT ADDR=1.2.3.4\r\n");
+    assert_eq!(up, "AUTH PLAIN AGFAYg==\r\n");
+    assert_eq!(cl, "");
+    assert_eq!(
+        upstream(&mut s, b"235 2.7.0 ok\r\n"),
+        "235 2.7.0 ok\r\n550 5.7.0 Error: insufficient authorization\r\n"
+    );
+    client(&mut s, b"EHLO a\r\n");
+    assert_eq!(
+        upstream(
+            &mut s,
+            b"250-mx\r\n250-AUTH PLAIN\r\n250-XFORWARD NAME\r\n250 STARTTLS\r\n"
+        ),
+        "250-mx\r\n250 AUTH PLAIN\r\n"
+    );
 }
 
 #[test]
 fn an_endless_command_line_is_forwarded_not_buffered() {
     let mut s = SmtpStream::default();
+    let mut forwarded = 0;
     for _ in 0..100 {
-        let (up, _, _) = client(&mut s, &[b'x'; 1000]);
-        assert!(!up.is_empty() || s.line.len() <= MAX_TRACKED_LINE);
+        let (up, _, n) = client(&mut s, &[b'x'; 1000]);
+        assert_eq!(n, 1000);
+        forwarded += up.len();
+        assert!(s.line.len() <= MAX_TRACKED_LINE);
     }
-    assert!(s.line.len() <= MAX_TRACKED_LINE);
+    assert_eq!(forwarded, 100_000, "every byte forwarded as it streamed");
+    assert!(s.expects.is_empty(), "no reply owed before its end");
+    let (up, _, _) = client(&mut s, b"\r\nNOOP\r\n");
+    assert_eq!(up, "\r\nNOOP\r\n");
+    assert_eq!(s.expects.len(), 2);
+}
+
+#[test]
+fn a_long_line_keeps_its_verb_across_reads() {
+    // HF-5: DATA and 1,100 spaces, the CRLF in a later read.
+    let mut line = b"DATA".to_vec();
+    line.extend_from_slice(&[b' '; 1100]);
+    for cut in [5, 1000, 1024, 1025, 1104] {
+        let mut s = SmtpStream::default();
+        let (up1, _, _) = client(&mut s, &line[..cut]);
+        let (up2, _, _) = client(&mut s, &line[cut..]);
+        assert!(s.wants_client_input(), "no CRLF yet at cut {cut}");
+        let (up3, _, n) = client(&mut s, b"\r\nSTARTTLS\r\n");
+        assert_eq!(
+            format!("{up1}{up2}{up3}").len(),
+            line.len() + 2,
+            "cut {cut}"
+        );
+        assert_eq!(n, 2, "content waits for the DATA reply");
+        assert!(!s.wants_client_input());
+        assert_eq!(upstream(&mut s, b"354 go\r\n"), "354 go\r\n");
+        let (up, cl, _) = client(&mut s, b"STARTTLS\r\n.\r\n");
+        assert_eq!(up, "STARTTLS\r\n.\r\n", "content for both sides");
+        assert_eq!(cl, "");
+    }
+    // What is refused short is refused long: never relayed, answered at its end.
+    for verb in ["STARTTLS", "XCLIENT", "BDAT 5", "DATA\x0b"] {
+        let mut s = SmtpStream::default();
+        let mut long = verb.as_bytes().to_vec();
+        long.extend_from_slice(&[b' '; 2000]);
+        let (up, cl, _) = client(&mut s, &long);
+        assert_eq!((up.as_str(), cl.as_str()), ("", ""), "{verb}");
+        let (up, cl, _) = client(&mut s, b"\r\n");
+        assert_eq!(up, "", "{verb}");
+        assert!(cl.starts_with("500 5.5.2"), "{verb}: {cl}");
+    }
+}
+
+#[test]
+fn owed_replies_are_bounded_by_backpressure() {
+    let mut s = SmtpStream::default();
+    let input = b"NOOP\r\n".repeat(MAX_OWED + 50);
+    let (up, _, n) = client(&mut s, &input);
+    assert_eq!(n, MAX_OWED * 6, "stops at the bound");
+    assert_eq!(up.len(), n);
+    assert!(!s.wants_client_input());
+    upstream(&mut s, b"250 ok\r\n");
+    assert!(
+        s.wants_client_input(),
+        "one reply in, one more command may come"
+    );
+}
+
+#[test]
+fn release_gives_back_capacity() {
+    let mut s = SmtpStream::default();
+    client(&mut s, &[b'x'; 500]);
+    client(&mut s, b"\r\n");
+    s.upstream_bytes(b"250-a", &mut Vec::new()).unwrap();
+    s.release();
+    assert_eq!(s.line.capacity(), 0);
+    assert!(s.replies.capacity() < 16);
+}
+
+/// Body, a bare end of data, a forged second transaction, then the client's real end.
+fn smuggle(end: &[u8]) -> Vec<u8> {
+    [
+        &b"Subject: x\r\n\r\nhello"[..],
+        end,
+        b"MAIL FROM:<forged@example.test>\r\nRCPT TO:<user@example.test>\r\nDATA\r\n\
+          smuggled\r\n.\r\n",
+    ]
+    .concat()
+}
+
+const VARIANTS: [&[u8]; 8] = [
+    b"\n.\n",
+    b"\n.\r\n",
+    b"\r\n.\n",
+    b"\r.\r",
+    b"\r\n.\r",
+    b"\r.\r\n",
+    b"\n.\r",
+    b"\r\n.\r\n",
+];
+
+fn in_data(mode: GuardMode) -> SmtpStream {
+    let mut s = SmtpStream::new(Path::Tls, mode);
+    client(&mut s, b"DATA\r\n");
+    upstream(&mut s, b"354 go\r\n");
+    s
+}
+
+/// Whether `out` is canonical content: CRLF line ends only, and its only `.` line last.
+fn canonical(out: &[u8]) -> bool {
+    let crlf_only = out.iter().enumerate().all(|(i, &b)| match b {
+        b'\r' => out.get(i + 1) == Some(&b'\n'),
+        b'\n' => i > 0 && out[i - 1] == b'\r',
+        _ => true,
+    });
+    let lines: Vec<&[u8]> = out.split(|&b| b == b'\n').collect();
+    let dots = lines.iter().filter(|l| **l == b".\r").count();
+    crlf_only && dots == 1 && out.ends_with(b"\r\n.\r\n")
+}
+
+#[test]
+fn normalize_keeps_every_bare_end_of_data_inside_the_message() {
+    for v in VARIANTS {
+        let input = smuggle(v);
+        let mut s = in_data(GuardMode::Normalize);
+        let (up, cl, n) = client(&mut s, &input);
+        assert_eq!(cl, "");
+        let control = v == b"\r\n.\r\n";
+        // The control ends DATA after "hello": the forged MAIL is then a command.
+        assert_eq!(
+            s.expects.len(),
+            if control { 4 } else { 1 },
+            "{v:?}: owed replies"
+        );
+        assert_eq!(up.matches("\r\n.\r\n").count(), 1, "{v:?}: {up:?}");
+        if !control {
+            assert_eq!(n, input.len());
+            assert!(canonical(up.as_bytes()), "{v:?}: {up:?}");
+            assert!(up.contains("MAIL FROM:<forged@example.test>"));
+            assert!(matches!(s.guard_action(), Some(GuardAction::Normalized(k)) if k > 0));
+        } else {
+            assert_eq!(s.guard_action(), None);
+        }
+    }
+}
+
+#[test]
+fn normalize_output_does_not_depend_on_how_reads_are_cut() {
+    for v in VARIANTS {
+        let input = smuggle(v);
+        let whole = {
+            let mut s = in_data(GuardMode::Normalize);
+            client(&mut s, &input).0
+        };
+        for cut in 0..input.len() {
+            let mut s = in_data(GuardMode::Normalize);
+            let (a, _, n1) = client(&mut s, &input[..cut]);
+            let (b, _, n2) = client(&mut s, &input[cut + n1 - cut.min(n1)..]);
+            let _ = n2;
+            assert_eq!(format!("{a}{b}"), whole, "{v:?} cut at {cut}");
+        }
+    }
+}
+
+#[test]
+fn normalize_stuffs_dot_lines_and_counts_what_it_inserts() {
+    let mut s = in_data(GuardMode::Normalize);
+    let (up, _, _) = client(&mut s, b"a\nb\rc\r\n.\n..\r\n.x\n.\r\n\r\n.\r\n");
+    assert_eq!(up, "a\r\nb\r\nc\r\n..\r\n..\r\n.x\r\n..\r\n\r\n.\r\n");
+    // a\n +1, b\r +1, .\n +2 (dot and CR), .x\n +1, `.` after a bare LF +1.
+    assert_eq!(s.guard_action(), Some(GuardAction::Normalized(6)));
+    assert_eq!(s.expects.len(), 1, "the client's own CRLF.CRLF ended it");
+    // A real CRLF dot line right after a bare LF line is stuffed too.
+    let mut s = in_data(GuardMode::Normalize);
+    let (up, _, _) = client(&mut s, b"a\n.\r\nb\r\n.\r\n");
+    assert_eq!(up, "a\r\n..\r\nb\r\n.\r\n");
+    // Clean mail passes byte for byte and is not counted.
+    let mut s = in_data(GuardMode::Normalize);
+    let clean = b"Subject: x\r\n\r\n..leading\r\n\r\n.\r\n";
+    let (up, _, _) = client(&mut s, clean);
+    assert_eq!(up.as_bytes(), clean);
+    assert_eq!(s.guard_action(), None);
+    // An empty message: the first line is the terminator.
+    let mut s = in_data(GuardMode::Normalize);
+    assert_eq!(client(&mut s, b".\r\nNOOP\r\n").0, ".\r\nNOOP\r\n");
+}
+
+#[test]
+fn reject_aborts_the_upstream_and_answers_at_the_strict_end() {
+    for v in VARIANTS {
+        let input = smuggle(v);
+        let mut s = in_data(GuardMode::Reject);
+        let (up, cl, n) = client(&mut s, &input);
+        if v == b"\r\n.\r\n" {
+            assert!(n < input.len(), "the second DATA waits for its reply");
+            assert!(!s.take_abort_upstream());
+            assert!(!s.is_closed());
+            assert_eq!(cl, "");
+            continue;
+        }
+        assert_eq!(n, input.len());
+        assert!(s.take_abort_upstream(), "{v:?}");
+        assert!(!s.take_abort_upstream(), "taken once");
+        assert!(
+            !up.contains("forged"),
+            "{v:?}: nothing after the bare ending: {up:?}"
+        );
+        // The first bare ending decides the text.
+        let bare = match v {
+            b"\r.\r" | b"\r\n.\r" | b"\r.\r\n" => "CR",
+            _ => "LF",
+        };
+        assert_eq!(
+            cl,
+            format!("550 5.5.2 Error: bare <{bare}> received\r\n"),
+            "{v:?}"
+        );
+        assert!(s.is_closed());
+        assert!(!s.wants_client_input());
+        assert_eq!(s.guard_action(), Some(GuardAction::Rejected));
+    }
+    // Split: the reply comes only at the client's strict end.
+    let mut s = in_data(GuardMode::Reject);
+    let (_, cl, _) = client(&mut s, b"a\n.\nMAIL FROM:<x>\r\n");
+    assert_eq!(cl, "");
+    assert!(s.take_abort_upstream());
+    assert!(!s.is_closed());
+    let (up, cl, _) = client(&mut s, b"x\r\n.\r\n");
+    assert_eq!(up, "");
+    assert!(cl.starts_with("550 5.5.2"));
 }
 
 #[test]
@@ -107,7 +463,7 @@ fn end_of_data_is_found_at_every_split_point() {
     let body: &[u8] = b"a\r\r\n.x\r\n\n.\n\r.\r\n\r\r\n..\r\nz\r\n.\r\n";
     let end = body.len();
     for split in 0..=end {
-        let mut s = SmtpStream::default();
+        let mut s = off();
         client(&mut s, b"DATA\r\n");
         upstream(&mut s, b"354 go\r\n");
         let (up1, _, n1) = client(&mut s, &body[..split]);

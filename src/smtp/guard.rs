@@ -1,0 +1,226 @@
+//! The smuggling guard on DATA content (sans-IO; catalogue HF-2, HF-6). An MTA that ends
+//! DATA at a bare-LF `.` line (Debian 12's Postfix by default) would read what follows as a
+//! second transaction with a forged envelope, while the proxy, which ends DATA only at the
+//! strict `CRLF.CRLF`, reads it as content. The guard makes the two agree:
+//!
+//! - `normalize` (default): the content the MTA gets has only CRLF line endings (a bare LF
+//!   or bare CR becomes CRLF) and a line holding a single `.` that the client did not both
+//!   begin after a real CRLF and end with a real CRLF is dot-stuffed (`..`). So the only `.`
+//!   line the MTA sees is the client's own `CRLF.CRLF`, which is also where the proxy ends
+//!   DATA. The line endings are classified on the client's bytes, never after a
+//!   substitution: normalizing first would turn `\r\n.\n` into a terminator.
+//!   Every change is an insertion (a CR, an LF or a dot), counted in `inserted`.
+//! - `reject`: at the first bare CR or LF the session is marked; the caller closes the
+//!   upstream mid-DATA (the MTA discards the partial message), the rest of the content up to
+//!   the strict end of data is discarded and the client gets `550 5.5.2`.
+//! - `off`: the content passes byte for byte (`scan_data` in `stream`).
+//!
+//! A CR or a line-initial `.` at the end of one read cannot be judged before the next byte:
+//! it is held (two flags, no buffer) and written with the next read's output.
+
+/// What the guard does with DATA content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum GuardMode {
+    Off,
+    #[default]
+    Normalize,
+    Reject,
+}
+
+/// Where the current line is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Col {
+    /// Nothing of the line yet.
+    Start,
+    /// The line so far is a single `.`, held back (not yet written).
+    Dot,
+    /// Anything else.
+    Mid,
+}
+
+/// The guard's state over one DATA content (reset by [`Guard::begin`]).
+#[derive(Debug, Clone)]
+pub(crate) struct Guard {
+    mode: GuardMode,
+    /// The current line began after a real CRLF (or at the start of the content).
+    after_crlf: bool,
+    col: Col,
+    /// A CR was the last byte seen and is held until the next byte tells what it is.
+    cr: bool,
+    /// The first bare CR or LF the client sent in this session's DATA (`reject`: nothing
+    /// more is written).
+    tripped: Option<Bare>,
+    /// Bare line endings seen over the session.
+    pub(crate) bare: u64,
+    /// Bytes inserted into the content for the MTA, over the session.
+    pub(crate) inserted: u64,
+}
+
+/// Which bare line ending tripped `reject`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Bare {
+    Cr,
+    Lf,
+}
+
+/// What one call made of the content.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Scanned {
+    /// Input bytes consumed (the terminator included when found).
+    pub used: usize,
+    /// The client's `CRLF.CRLF` was found.
+    pub end: bool,
+}
+
+const CR: u8 = b'\r';
+const LF: u8 = b'\n';
+
+impl Guard {
+    pub(crate) fn new(mode: GuardMode) -> Guard {
+        Guard {
+            mode,
+            after_crlf: true,
+            col: Col::Start,
+            cr: false,
+            tripped: None,
+            bare: 0,
+            inserted: 0,
+        }
+    }
+
+    pub(crate) fn mode(&self) -> GuardMode {
+        self.mode
+    }
+
+    /// A new DATA content begins (right after the CRLF of the 354 reply's command).
+    pub(crate) fn begin(&mut self) {
+        self.after_crlf = true;
+        self.col = Col::Start;
+        self.cr = false;
+    }
+
+    /// The bare line ending that tripped `reject`, if one did.
+    pub(crate) fn tripped(&self) -> Option<Bare> {
+        self.tripped
+    }
+
+    /// Scans content (mode `normalize` or `reject`); what the MTA gets is appended to `out`
+    /// (nothing once `reject` has tripped).
+    pub(crate) fn content(&mut self, input: &[u8], out: &mut Vec<u8>) -> Scanned {
+        debug_assert!(self.mode != GuardMode::Off);
+        let mut i = 0;
+        // Input bytes from `run` to `i` are written verbatim when the run is flushed.
+        let mut run = 0;
+        while i < input.len() {
+            if self.cr {
+                self.cr = false;
+                let ending = if input[i] == LF {
+                    i += 1;
+                    Ending::Crlf
+                } else {
+                    Ending::BareCr
+                };
+                if self.line_end(ending, out) {
+                    return Scanned { used: i, end: true };
+                }
+                run = i;
+                continue;
+            }
+            match self.col {
+                Col::Start if input[i] == b'.' => {
+                    self.emit(&input[run..i], out);
+                    self.col = Col::Dot;
+                    i += 1;
+                    run = i;
+                    continue;
+                }
+                Col::Dot if input[i] != CR && input[i] != LF => {
+                    self.emit(b".", out);
+                    self.col = Col::Mid;
+                }
+                _ => {}
+            }
+            let Some(k) = memchr::memchr2(CR, LF, &input[i..]) else {
+                if i < input.len() {
+                    self.col = Col::Mid;
+                }
+                i = input.len();
+                break;
+            };
+            let at = i + k;
+            if k > 0 {
+                self.col = Col::Mid;
+            }
+            if input[at] == CR && input.get(at + 1) == Some(&LF) && self.col != Col::Dot {
+                // The common case, a real CRLF after an ordinary line: the run goes on.
+                i = at + 2;
+                self.col = Col::Start;
+                self.after_crlf = true;
+                continue;
+            }
+            self.emit(&input[run..at], out);
+            i = at + 1;
+            run = i;
+            if input[at] == CR {
+                self.cr = true;
+            } else if self.line_end(Ending::BareLf, out) {
+                return Scanned { used: i, end: true };
+            }
+        }
+        self.emit(&input[run..i], out);
+        Scanned {
+            used: input.len(),
+            end: false,
+        }
+    }
+
+    fn emit(&self, bytes: &[u8], out: &mut Vec<u8>) {
+        if self.tripped.is_none() || self.mode != GuardMode::Reject {
+            out.extend_from_slice(bytes);
+        }
+    }
+
+    /// A line ends (its CR and LF not yet written). Returns whether this was the client's
+    /// end of data.
+    fn line_end(&mut self, ending: Ending, out: &mut Vec<u8>) -> bool {
+        let real = ending == Ending::Crlf;
+        if !real {
+            self.bare += 1;
+            self.tripped.get_or_insert(if ending == Ending::BareCr {
+                Bare::Cr
+            } else {
+                Bare::Lf
+            });
+        }
+        let was = std::mem::replace(&mut self.col, Col::Start);
+        let after_crlf = std::mem::replace(&mut self.after_crlf, real);
+        if was == Col::Dot {
+            if real && after_crlf {
+                self.emit(b".\r\n", out);
+                return true;
+            }
+            // Any other `.` line is stuffed, so it can never end DATA at the MTA.
+            self.emit(b"..", out);
+            self.count_inserted(1);
+        }
+        self.emit(b"\r\n", out);
+        if !real {
+            self.count_inserted(1);
+        }
+        false
+    }
+
+    fn count_inserted(&mut self, n: u64) {
+        if self.mode == GuardMode::Normalize {
+            self.inserted += n;
+        }
+    }
+}
+
+/// How a line of content ended, judged on the client's bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Crlf,
+    BareCr,
+    BareLf,
+}
