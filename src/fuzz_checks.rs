@@ -7,12 +7,14 @@
 mod config;
 mod dialogue;
 mod ehlo;
+mod follower;
 mod proxy;
 mod proxy_outbound;
 
 pub use config::check_config;
 pub use dialogue::check_dialogue;
 pub use ehlo::check_ehlo_filter;
+pub use follower::check_follower;
 pub use proxy::check_proxy_inbound;
 pub use proxy_outbound::check_proxy_outbound;
 

@@ -40,6 +40,11 @@ fn dialogue_corpus_keeps_its_invariants() {
 }
 
 #[test]
+fn follower_corpus_keeps_its_invariants() {
+    replay("follower", fuzz_checks::check_follower);
+}
+
+#[test]
 fn ehlo_filter_corpus_keeps_its_invariants() {
     replay("ehlo_filter", fuzz_checks::check_ehlo_filter);
 }

@@ -111,13 +111,22 @@ pub(crate) fn read(line: &[u8]) -> Reading<'_> {
     }
 }
 
-/// The verb of a line whose end may be missing (the head of an over-long line): the first
-/// word, however the line goes on.
-pub(crate) fn verb_of(line: &[u8]) -> Verb {
+/// The verb of a complete line: its first word.
+fn verb_of(line: &[u8]) -> Verb {
     let start = line.iter().position(|b| !is_blank(b)).unwrap_or(line.len());
     let rest = &line[start..];
     let end = rest.iter().position(is_blank).unwrap_or(rest.len());
     Verb::of(&rest[..end])
+}
+
+/// The verb of the first bytes of a line whose end is not seen yet (an over-long line):
+/// only when a blank follows it, so that the rest of the line cannot extend it; `None`
+/// when the head is all blanks or its first word runs on.
+pub(crate) fn head_verb(head: &[u8]) -> Option<Verb> {
+    let start = head.iter().position(|b| !is_blank(b))?;
+    let rest = &head[start..];
+    let end = rest.iter().position(is_blank)?;
+    Some(Verb::of(&rest[..end]))
 }
 
 fn arg_of(line: &[u8]) -> &[u8] {
@@ -176,7 +185,11 @@ mod tests {
         assert_eq!(cmd(b"StartTLS"), (Verb::Starttls, &b""[..]));
         assert_eq!(cmd(b"Host: x"), (Verb::Http, &b"x"[..]));
         assert_eq!(cmd(b""), (Verb::Other, &b""[..]));
-        assert_eq!(verb_of(b"  MAIL\tFROM:<a@b> SIZE=1"), Verb::Mail);
+        assert_eq!(head_verb(b"  MAIL\tFROM:<a@b> SIZE=1"), Some(Verb::Mail));
+        assert_eq!(head_verb(b"DATA "), Some(Verb::Data));
+        assert_eq!(head_verb(b"DATA"), None, "DATAX may follow");
+        assert_eq!(head_verb(b"   "), None);
+        assert_eq!(head_verb(b""), None);
     }
 
     #[test]

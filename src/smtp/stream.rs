@@ -374,21 +374,24 @@ impl SmtpStream {
         }
     }
 
-    /// The first bytes of an over-long line (its end not seen): the verb decides. What is
-    /// refused whole is refused long too; a BDAT size may be cut off, so a long BDAT is
-    /// refused; a long DATA still waits for its reply.
+    /// The first bytes of an over-long line (its end not seen): the verb decides, as it
+    /// does for Postfix, which reads the first 2,048 bytes of a line and skips the rest.
+    /// What is refused whole is refused long too; a BDAT size may be cut off, so a long
+    /// BDAT is refused; a long DATA still waits for its reply; a head without a whole verb
+    /// (all blanks, or one endless word) is refused.
     fn head_action(&self, head: &[u8]) -> Action {
         if head.iter().any(|&b| command::is_control(b)) {
             return Action::Refuse(BAD_CHAR);
         }
-        match command::verb_of(head) {
-            Verb::Starttls | Verb::Xclient | Verb::Xforward | Verb::Bdat => {
+        match command::head_verb(head) {
+            // All blanks, or a first word longer than the head: what it is is not known.
+            None | Some(Verb::Starttls | Verb::Xclient | Verb::Xforward | Verb::Bdat) => {
                 Action::Refuse(LINE_TOO_LONG)
             }
-            Verb::Auth if self.path == Path::Plaintext => Action::Refuse(AUTH_IN_PLAINTEXT),
-            Verb::Ehlo | Verb::Helo => Action::Forward(ReplyKind::Ehlo),
-            Verb::Data => Action::Data,
-            _ => Action::Forward(ReplyKind::Other),
+            Some(Verb::Auth) if self.path == Path::Plaintext => Action::Refuse(AUTH_IN_PLAINTEXT),
+            Some(Verb::Ehlo | Verb::Helo) => Action::Forward(ReplyKind::Ehlo),
+            Some(Verb::Data) => Action::Data,
+            Some(_) => Action::Forward(ReplyKind::Other),
         }
     }
 

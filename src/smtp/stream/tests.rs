@@ -229,17 +229,33 @@ fn inside_tls_auth_passes_and_only_proxy_extensions_are_stripped() {
 fn an_endless_command_line_is_forwarded_not_buffered() {
     let mut s = SmtpStream::default();
     let mut forwarded = 0;
+    client(&mut s, b"NOOP ");
     for _ in 0..100 {
         let (up, _, n) = client(&mut s, &[b'x'; 1000]);
         assert_eq!(n, 1000);
         forwarded += up.len();
         assert!(s.line.len() <= MAX_TRACKED_LINE);
     }
-    assert_eq!(forwarded, 100_000, "every byte forwarded as it streamed");
+    assert_eq!(forwarded, 100_005, "every byte forwarded as it streamed");
     assert!(s.expects.is_empty(), "no reply owed before its end");
     let (up, _, _) = client(&mut s, b"\r\nNOOP\r\n");
     assert_eq!(up, "\r\nNOOP\r\n");
     assert_eq!(s.expects.len(), 2);
+}
+
+#[test]
+fn a_long_line_without_a_whole_verb_is_refused() {
+    // Postfix skips leading blanks: 1,100 of them then DATA is DATA to it.
+    for head in [&[b' '; 1100][..], &[b'x'; 1100]] {
+        let mut s = SmtpStream::default();
+        let (up, _, _) = client(&mut s, head);
+        assert_eq!(up, "");
+        let (up, cl, _) = client(&mut s, b"DATA\r\nNOOP\r\n");
+        assert_eq!(up, "NOOP\r\n");
+        assert!(s.wants_client_input());
+        assert_eq!(cl, "500 5.5.2 Error: line too long\r\n");
+        assert_eq!(upstream(&mut s, b"250 ok\r\n"), "250 ok\r\n");
+    }
 }
 
 #[test]
