@@ -20,9 +20,10 @@
 //! - [`session`] — one connection as typed phases over any stream: `phases` (inbound PROXY,
 //!   per-IP admission, TLS, upstream, relay), `implicit`, `starttls` (the dialogue and its
 //!   two hand-offs); `report` holds the facts and the one summary line.
-//! - [`smtp`] — pure SMTP, no sockets: `line` (bounded line reader), `dialogue` (pre-TLS
-//!   state machine), `pretls` (the two glued with the hand-off rules), `stream` (the
-//!   follower after the hand-off), `ehlo`, `reply`.
+//! - [`smtp`] — pure SMTP, no sockets: `command` (the session's one reading of a command
+//!   line, Postfix's), `line` (bounded line reader), `dialogue` (pre-TLS state machine),
+//!   `pretls` (the two glued with the hand-off rules), `stream` (the follower after the
+//!   hand-off), `guard` (the smuggling guard on DATA content), `ehlo`, `reply`.
 //! - [`tls`] — `cert` (a served certificate and its leaf facts), `store` (certificates by
 //!   name), `resolve` (SNI -> certificate, pure), `accept` (ClientHello -> decision ->
 //!   handshake -> facts), `client_auth`, `upstream` (re-encryption towards the MTA).
