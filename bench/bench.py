@@ -187,6 +187,7 @@ class Candidate:
 class Ours(Candidate):
     name = "smtp-tls-proxy"
     starttls = True
+    guard = "normalize"  # the default smuggling guard
 
     def command(self):
         p, d = self.ports, self.d
@@ -199,13 +200,67 @@ certificates:
   - {{ cert: {d}/rsa.crt, key: {d}/rsa.key }}
 listeners:
   ecdsa: {{ listen: "127.0.0.1:{p['ecdsa']}", mode: implicit, hostname: {ECDSA_NAME}, upstream: sink,
-           limits: {{ per_ip: 20000 }} }}
+           limits: {{ per_ip: 20000 }}, smuggling_guard: {self.guard} }}
   rsa: {{ listen: "127.0.0.1:{p['rsa']}", mode: implicit, hostname: {RSA_NAME}, upstream: sink,
          limits: {{ per_ip: 20000 }} }}
   smtp: {{ listen: "127.0.0.1:{p['starttls']}", mode: starttls, hostname: {ECDSA_NAME}, upstream: sink,
           limits: {{ per_ip: 20000 }} }}
 """)
         return [PROXY, "--config", cfg]
+
+
+class OursGuardOff(Ours):
+    """Ours with `smuggling_guard: off`: the guard's cost is the difference (--guard-cost)."""
+    name = "smtp-tls-proxy-guard-off"
+    guard = "off"
+
+
+def guard_cost(rounds, gib, d, sink_port):
+    """Relay CPU per GiB with the guard in `normalize` and `off`, interleaved, same cipher."""
+    out = {"normalize": [], "off": []}
+    with SameCipher():
+        for rnd in range(rounds):
+            for cls in (Ours, OursGuardOff):
+                c = cls(d, sink_port)
+                c.start()
+                try:
+                    m_throughput(c, 0.05)  # warm-up
+                    out[cls.guard].append(m_throughput(c, gib)["server_s_per_gib"])
+                    print(f"guard cost round {rnd + 1}/{rounds}: {cls.guard} {out[cls.guard][-1]:.3f} s/GiB",
+                          file=sys.stderr, flush=True)
+                finally:
+                    c.stop()
+    return out
+
+
+def write_guard_cost(out, rounds, gib):
+    med = {k: statistics.median(v) for k, v in out.items()}
+    section = (
+        "## Smuggling guard cost (relay)\n\n"
+        f"`bench/run --guard-cost {rounds} --gib {gib:g}`, "
+        f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}: server CPU per GiB "
+        "relayed through implicit TLS (TLS_AES_128_GCM_SHA256), one DATA of 78-character CRLF lines, "
+        f"{rounds} interleaved rounds, median [min–max]. `normalize` (the default) scans every "
+        "line ending with a vectorised search for CR and LF and checks the byte after each CR; "
+        "`off` is the former byte-exact relay (one search for CRLF.CRLF).\n\n"
+        "| smuggling_guard | CPU s per GiB | vs off |\n|---|---|---|\n"
+        + "".join(f"| `{k}` | {fmt(v)} | {med[k] / med['off']:.3f}× |\n" for k, v in out.items())
+        + "\n")
+    path = os.path.join(ROOT, "BENCHMARKS.md")
+    text = open(path).read() if os.path.exists(path) else ""
+    start = text.find("## Smuggling guard cost")
+    if start >= 0:
+        end = text.find("\n## ", start + 1)
+        text = text[:start] + (text[end + 1:] if end >= 0 else "")
+    at = text.find("## Method")
+    text = text[:at] + section + text[at:] if at >= 0 else text + "\n" + section
+    with open(path, "w") as f:
+        f.write(text)
+    res_path = os.path.join(ROOT, "bench/results.json")
+    res = json.load(open(res_path)) if os.path.exists(res_path) else {}
+    res["guard_cost"] = {"rounds": rounds, "gib": gib, "server_s_per_gib": out}
+    with open(res_path, "w") as f:
+        json.dump(res, f, indent=1)
 
 
 class HAProxy(Candidate):
@@ -667,6 +722,8 @@ def main():
     ap.add_argument("--latency", type=int, default=300)
     ap.add_argument("--max-idle", type=int, default=9900)
     ap.add_argument("--only", default="", help="comma-separated candidate names")
+    ap.add_argument("--guard-cost", type=int, default=0, metavar="ROUNDS",
+                    help="only measure the smuggling guard's relay cost (normalize vs off)")
     ap.add_argument("--out", default=os.path.join(ROOT, "BENCHMARKS.md"))
     a = ap.parse_args()
     global CANDIDATES
@@ -676,6 +733,15 @@ def main():
     d = tempfile.mkdtemp(prefix="smtp-tls-proxy-bench-")
     make_certs(d)
     sink, sink_port = start_sink()
+    if a.guard_cost:
+        try:
+            out = guard_cost(a.guard_cost, a.gib, d, sink_port)
+        finally:
+            sink.terminate()
+            sink.wait()
+        write_guard_cost(out, a.guard_cost, a.gib)
+        shutil.rmtree(d, ignore_errors=True)
+        return
     results, client = {}, {}
 
     def add(key, name, value):

@@ -6,9 +6,12 @@
 //!
 //! The order itself (`order.rs`) is driven over instant-acme, not rustls-acme: rustls-acme
 //! makes a fresh key for every order, and DANE senders (RFC 7672) defer mail when a renewal
-//! changes the key behind a TLSA record. The cache (`cache.rs`) is written 0600 via a
-//! temporary file and a rename, in a 0700 directory; a cached certificate is read
-//! synchronously when the slot is created, so it is served before any network call.
+//! changes the key behind a TLSA record. The store (`store.rs`) is a directory several
+//! replicas may share: one of them, holding its lock, orders; every replica answers the
+//! tls-alpn-01 validation from the challenge files in the store and loads the issued
+//! certificate from it while running. One process is the same code with N = 1. A cached
+//! certificate is read synchronously when the slot is created, so it is served before any
+//! network call.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -24,46 +27,83 @@ use tokio::task::JoinHandle;
 
 use crate::config::AcmeSpec;
 
-mod cache;
 mod order;
+mod store;
 use crate::metrics::{AcmeLabels, CertLabels, DomainsLabel, metrics};
+use crate::tls::accept::ACME_TLS_ALPN;
 use crate::tls::cert::{self, ServedCert};
-use cache::SecureDirCache;
+use crate::tls::store::{ManagedCert, ManagedCerts};
+use store::AcmeStore;
 
-/// The ALPN protocol of tls-alpn-01 validation handshakes (RFC 8737).
-const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
-
-/// A validation handshake offers `acme-tls/1` and nothing else (RFC 8737 section 3).
-pub(crate) fn is_challenge_hello(hello: &ClientHello<'_>) -> bool {
-    hello.alpn().is_some_and(|mut protocols| {
-        protocols.next() == Some(ACME_TLS_ALPN) && protocols.next().is_none()
-    })
+/// The tls-alpn-01 answers, from the store's challenge files: whichever replica placed the
+/// order, every replica answers (the ACME server's validators land on any of them). Each
+/// answer is built here from the digest (a throwaway key, RFC 8737's acmeIdentifier) and
+/// kept while the digest stays the same.
+#[derive(Debug)]
+struct Answers {
+    dir: std::path::PathBuf,
+    made: Mutex<HashMap<String, Answer>>,
 }
 
-/// The tls-alpn-01 answers of the order in flight, by name.
-#[derive(Debug, Default)]
-struct Answers(Mutex<HashMap<String, Arc<CertifiedKey>>>);
-
-impl Answers {
-    fn set(&self, name: &str, answer: Arc<CertifiedKey>) {
-        let mut map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        map.insert(name.to_ascii_lowercase(), answer);
-    }
-
-    fn clear(&self) {
-        self.0
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clear();
-    }
-}
+/// A built answer and the digest it carries.
+type Answer = (Vec<u8>, Arc<CertifiedKey>);
 
 impl ResolvesServerCert for Answers {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // Only names of this entry reach here (the store selects the slot by name).
         let name = hello.server_name()?.to_ascii_lowercase();
-        let map = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        map.get(&name).cloned()
+        let text = std::fs::read_to_string(AcmeStore::challenge_file(&self.dir, &name)).ok()?;
+        let digest = from_hex(text.trim())?;
+        let mut made = self.made.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((d, answer)) = made.get(&name)
+            && *d == digest
+        {
+            return Some(answer.clone());
+        }
+        match challenge_cert(&name, &digest) {
+            Ok(answer) => {
+                let answer = Arc::new(answer);
+                made.insert(name, (digest, answer.clone()));
+                Some(answer)
+            }
+            Err(e) => {
+                tracing::warn!(name = %name, error = %e, "acme: cannot build the tls-alpn-01 answer");
+                None
+            }
+        }
     }
+}
+
+fn from_hex(text: &str) -> Option<Vec<u8>> {
+    if text.len() != 64 {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
+}
+
+/// The tls-alpn-01 answer for `name` (RFC 8737): self-signed, with the acmeIdentifier
+/// extension carrying the SHA-256 of the key authorization.
+fn challenge_cert(name: &str, digest: &[u8]) -> Result<CertifiedKey, String> {
+    use rcgen::{CertificateParams, CustomExtension};
+    use rustls_pki_types::PrivatePkcs8KeyDer;
+    let mut params =
+        CertificateParams::new(vec![name.to_owned()]).map_err(|e| format!("challenge: {e}"))?;
+    params.custom_extensions = vec![CustomExtension::new_acme_identifier(digest)];
+    let key = rcgen::KeyPair::generate().map_err(|e| format!("challenge key: {e}"))?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| format!("challenge: {e}"))?;
+    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+    // Not `CertifiedKey::from_der`: its key/certificate check parses the certificate with
+    // webpki, which refuses the critical acmeIdentifier extension RFC 8737 requires.
+    let signer = crate::tls::provider()
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| format!("challenge: {e}"))?;
+    Ok(CertifiedKey::new(vec![cert.der().clone()], signer))
 }
 
 /// What one `acme` entry serves right now.
@@ -72,33 +112,34 @@ pub struct AcmeSlot {
     pub spec: AcmeSpec,
     placeholder: Arc<ServedCert>,
     issued: ArcSwapOption<ServedCert>,
-    answers: Arc<Answers>,
     challenge: Arc<ServerConfig>,
     /// With `rotate_key`: the TLSA value of the key the next renewal will use.
     next_tlsa: ArcSwapOption<String>,
 }
 
-impl AcmeSlot {
-    /// The issued certificate, if any.
-    pub fn issued(&self) -> Option<Arc<ServedCert>> {
+impl ManagedCert for AcmeSlot {
+    fn spec(&self) -> &AcmeSpec {
+        &self.spec
+    }
+
+    fn issued(&self) -> Option<Arc<ServedCert>> {
         self.issued.load_full()
     }
 
-    /// The issued certificate, else the self-signed placeholder for the domains.
-    pub fn current(&self) -> Arc<ServedCert> {
+    fn current(&self) -> Arc<ServedCert> {
         self.issued().unwrap_or_else(|| self.placeholder.clone())
     }
 
-    /// The config that answers tls-alpn-01 validation handshakes.
-    pub fn challenge(&self) -> Arc<ServerConfig> {
+    fn challenge(&self) -> Arc<ServerConfig> {
         self.challenge.clone()
     }
 
-    /// With `rotate_key`: the TLSA value (`3 1 1 <hex>`) of the next key, once made.
-    pub fn next_tlsa(&self) -> Option<Arc<String>> {
+    fn next_tlsa(&self) -> Option<Arc<String>> {
         self.next_tlsa.load_full()
     }
+}
 
+impl AcmeSlot {
     fn label(&self) -> String {
         self.spec.domains.join(",")
     }
@@ -171,20 +212,24 @@ impl std::fmt::Debug for AcmeManager {
     }
 }
 
-impl AcmeManager {
+impl ManagedCerts for AcmeManager {
     /// The slot for `spec`, created on first use: the placeholder is generated and a cached
-    /// certificate, if the cache has one, is served at once. Starts nothing.
-    pub fn slot(
+    /// certificate, if the store has one, is served at once. Starts nothing.
+    fn slot(
         &self,
         spec: &AcmeSpec,
         provider: &Arc<CryptoProvider>,
-    ) -> Result<Arc<AcmeSlot>, String> {
+    ) -> Result<Arc<dyn ManagedCert>, String> {
         let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(e) = entries.get(spec) {
-            return Ok(e.slot.clone());
+            let existing: Arc<dyn ManagedCert> = e.slot.clone();
+            return Ok(existing);
         }
         let placeholder = Arc::new(cert::self_signed_for(&spec.domains, provider)?);
-        let answers = Arc::new(Answers::default());
+        let answers = Arc::new(Answers {
+            dir: spec.cache.clone(),
+            made: Mutex::default(),
+        });
         let mut challenge = ServerConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
@@ -195,15 +240,14 @@ impl AcmeManager {
             spec: spec.clone(),
             placeholder,
             issued: ArcSwapOption::empty(),
-            answers,
             challenge: Arc::new(challenge),
             next_tlsa: ArcSwapOption::empty(),
         });
-        let cache = SecureDirCache::new(spec);
+        let cache = AcmeStore::new(spec);
         if let Ok(Some(pem)) = cache.read(&cache.cert_file()) {
-            // Logged when its client starts (`order::run`): logging may not be set up yet.
+            // Logged when its client starts (`start`): logging may not be set up yet.
             if let Err(e) = slot.publish(&pem, provider) {
-                tracing::warn!(domains = %slot.label(), error = %e, "acme cache holds an unusable certificate; ordering a new one")
+                tracing::warn!(domains = %slot.label(), error = %e, "acme store holds an unusable certificate; ordering a new one")
             }
         }
         if spec.rotate_key
@@ -219,9 +263,12 @@ impl AcmeManager {
                 task: None,
             },
         );
+        let slot: Arc<dyn ManagedCert> = slot;
         Ok(slot)
     }
+}
 
+impl AcmeManager {
     /// Starts the ACME client of every slot in `keep` that has none, and stops (and
     /// forgets) the entries not in `keep`. Needs the tokio runtime.
     pub fn sync(&self, keep: &[AcmeSpec], provider: &Arc<CryptoProvider>) {

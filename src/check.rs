@@ -117,7 +117,7 @@ pub fn describe(snapshot: &Snapshot) -> String {
         let _ = writeln!(out, "warning: {w}");
     }
     for slot in snapshot.store.acme_slots() {
-        let spec = &slot.spec;
+        let spec = slot.spec();
         let state = match slot.issued() {
             Some(c) => {
                 let expires = UNIX_EPOCH + Duration::from_secs(c.not_after.max(0) as u64);

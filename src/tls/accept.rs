@@ -112,6 +112,16 @@ where
     }
 }
 
+/// The ALPN protocol of tls-alpn-01 validation handshakes (RFC 8737).
+pub(crate) const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
+
+/// A validation handshake offers `acme-tls/1` and nothing else (RFC 8737 section 3).
+pub(crate) fn is_challenge_hello(hello: &rustls::server::ClientHello<'_>) -> bool {
+    hello.alpn().is_some_and(|mut protocols| {
+        protocols.next() == Some(ACME_TLS_ALPN) && protocols.next().is_none()
+    })
+}
+
 async fn handshake<IO>(
     io: IO,
     tls: &ListenerTls,
@@ -124,7 +134,7 @@ where
         .map_err(|e| failure(&e))?;
     let hello = start.client_hello();
     let sni = hello.server_name().map(str::to_owned);
-    if crate::acme::is_challenge_hello(&hello) {
+    if is_challenge_hello(&hello) {
         // An ACME validation handshake (tls-alpn-01) for a name we order: the challenge
         // config answers it; there is no SMTP session behind it.
         let challenge = sni

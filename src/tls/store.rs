@@ -12,8 +12,30 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::cert::{ServedCert, describe, self_signed_for};
-use crate::acme::{AcmeManager, AcmeSlot};
-use crate::config::{CertificateSource, ConfigError};
+use crate::config::{AcmeSpec, CertificateSource, ConfigError};
+
+/// What one `acme` entry serves, while the store lives (implemented by `acme::AcmeSlot`).
+/// The store holds these, not the ACME manager: `tls` does not depend on `acme`.
+pub trait ManagedCert: Send + Sync + std::fmt::Debug {
+    fn spec(&self) -> &AcmeSpec;
+    /// The issued certificate, if any.
+    fn issued(&self) -> Option<Arc<ServedCert>>;
+    /// The issued certificate, else a self-signed placeholder for the domains.
+    fn current(&self) -> Arc<ServedCert>;
+    /// The config that answers tls-alpn-01 validation handshakes for the domains.
+    fn challenge(&self) -> Arc<rustls::ServerConfig>;
+    /// With `rotate_key`: the TLSA value (`3 1 1 <hex>`) of the next key, once made.
+    fn next_tlsa(&self) -> Option<Arc<String>>;
+}
+
+/// Finds or makes the `ManagedCert` of an `acme` entry (the ACME manager).
+pub trait ManagedCerts {
+    fn slot(
+        &self,
+        spec: &AcmeSpec,
+        provider: &Arc<CryptoProvider>,
+    ) -> Result<Arc<dyn ManagedCert>, String>;
+}
 
 /// Name -> candidate certificates, best first.
 #[derive(Debug, Default)]
@@ -23,8 +45,8 @@ pub struct CertStore {
     wildcard: HashMap<String, Vec<Arc<ServedCert>>>,
     all: Vec<Arc<ServedCert>>,
     /// ACME-managed names: what they serve changes while the store lives.
-    acme: HashMap<String, Arc<AcmeSlot>>,
-    acme_slots: Vec<Arc<AcmeSlot>>,
+    acme: HashMap<String, Arc<dyn ManagedCert>>,
+    acme_slots: Vec<Arc<dyn ManagedCert>>,
 }
 
 impl CertStore {
@@ -33,7 +55,7 @@ impl CertStore {
         config_path: &Path,
         sources: &[CertificateSource],
         provider: &Arc<CryptoProvider>,
-        acme: &AcmeManager,
+        acme: &dyn ManagedCerts,
     ) -> Result<CertStore, ConfigError> {
         let mut store = CertStore::default();
         for source in sources {
@@ -118,7 +140,7 @@ impl CertStore {
     }
 
     /// The ACME entries, in `certificates` order.
-    pub fn acme_slots(&self) -> &[Arc<AcmeSlot>] {
+    pub fn acme_slots(&self) -> &[Arc<dyn ManagedCert>] {
         &self.acme_slots
     }
 
