@@ -58,6 +58,16 @@ impl Pebble {
     /// `certificateValidityPeriod`; default five years): short lifetimes make the proxy
     /// renew while the test watches, through its real schedule (two thirds of the lifetime).
     pub fn start_with_validity(tls_port: u16, validity_s: Option<u64>) -> Pebble {
+        Pebble::start_with(tls_port, validity_s, false)
+    }
+
+    /// As `start`, with Pebble's validation sleep left on (0-15 s before each validation,
+    /// as a real CA takes its time): an order stays in flight long enough to interrupt.
+    pub fn start_with_va_sleep(tls_port: u16) -> Pebble {
+        Pebble::start_with(tls_port, None, true)
+    }
+
+    fn start_with(tls_port: u16, validity_s: Option<u64>, va_sleep: bool) -> Pebble {
         assert!(
             Path::new(PEBBLE).exists() && Path::new(CHALLTESTSRV).exists(),
             "apt-get install pebble"
@@ -136,8 +146,10 @@ impl Pebble {
                 &format!("127.0.0.1:{dns}"),
                 "-strict=false",
             ])
-            .env("PEBBLE_VA_NOSLEEP", "1")
             .env("PEBBLE_WFE_NONCEREJECT", "0");
+        if !va_sleep {
+            pb.env("PEBBLE_VA_NOSLEEP", "1");
+        }
         pebble.spawn(pb, "ACME directory available at");
         pebble
     }
