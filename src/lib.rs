@@ -27,7 +27,9 @@
 //! - [`tls`] — `cert` (a served certificate and its leaf facts), `store` (certificates by
 //!   name), `resolve` (SNI -> certificate, pure), `accept` (ClientHello -> decision ->
 //!   handshake -> facts), `client_auth`, `upstream` (re-encryption towards the MTA).
-//! - [`acme`] — tls-alpn-01 certificates, obtained and renewed while running.
+//! - [`acme`] — tls-alpn-01 certificates, obtained and renewed while running: `order` (the
+//!   client loop of each replica), `store` (the directory replicas share, with its lock).
+//!   It implements `tls::store::ManagedCert`; `tls` does not import `acme`.
 //! - [`proxy_header`] — PROXY v1/v2 towards the MTA, within Postfix's 536-byte limit;
 //!   `inbound` reads it from trusted load balancers; [`io`]`::Prefixed` replays what followed.
 //! - [`abuse`] — `allow`/`deny`, the polled `deny_file`, `per_ip_rate`: decided on the real

@@ -137,3 +137,36 @@ fn the_postfix_image_entrypoint_applies_proxy_port_cf_like_the_tests_do() {
         "entrypoint made: {service}\ntests use: {options}"
     );
 }
+
+#[test]
+fn the_kubernetes_certificate_feeds_the_secret_every_replica_mounts() {
+    let cert = yaml_docs("containers/kubernetes/certificate.yaml");
+    assert_eq!(cert[0]["kind"], "Certificate");
+    let secret = cert[0]["spec"]["secretName"].as_str().unwrap();
+    assert_eq!(
+        cert[0]["spec"]["privateKey"]["rotationPolicy"], "Never",
+        "DANE: key kept"
+    );
+    let docs = yaml_docs("containers/kubernetes/smtp-tls-proxy.yaml");
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    let volumes = deployment["spec"]["template"]["spec"]["volumes"]
+        .as_array()
+        .unwrap();
+    assert!(
+        volumes.iter().any(|v| v["secret"]["secretName"] == secret),
+        "the Deployment mounts the Secret cert-manager writes"
+    );
+    // The built-in ACME variant: a shared RWX store, and a port-443 listener for tls-alpn-01.
+    let acme = yaml_docs("containers/kubernetes/acme-shared-store.yaml");
+    let pvc = acme
+        .iter()
+        .find(|d| d["kind"] == "PersistentVolumeClaim")
+        .unwrap();
+    assert_eq!(pvc["spec"]["accessModes"][0], "ReadWriteMany");
+    let cm = acme.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
+    let config = loads(cm["data"]["proxy.yaml"].as_str().unwrap());
+    assert!(
+        config.listeners.values().any(|l| l.listen.port() == 443),
+        "the CA validates on port 443"
+    );
+}
