@@ -71,17 +71,15 @@ fn modules() -> BTreeMap<String, PathBuf> {
     out
 }
 
-/// The modules `text` refers to with `crate::a::b…`, each resolved to the longest module
-/// path that exists.
-fn references(text: &str, modules: &BTreeMap<String, PathBuf>) -> BTreeSet<String> {
+/// The modules `text` (the file of module `this`) refers to with `crate::a::b…`,
+/// `super::…` (`super::super::…`) and `self::…`, each resolved to the longest module path
+/// that exists. Paths inside `a::{b, c::d}` groups count too.
+fn references(this: &str, text: &str, modules: &BTreeMap<String, PathBuf>) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
-    for (i, _) in text.match_indices("crate::") {
-        let rest = &text[i + "crate::".len()..];
-        let path: String = rest
-            .chars()
-            .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
-            .collect();
-        let segments: Vec<&str> = path.split("::").filter(|s| !s.is_empty()).collect();
+    let this: Vec<&str> = this.split("::").collect();
+    let mut add = |base: &[&str], path: &str| {
+        let mut segments: Vec<&str> = base.to_vec();
+        segments.extend(path.split("::").map(str::trim).filter(|s| !s.is_empty()));
         for n in (1..=segments.len()).rev() {
             let candidate = segments[..n].join("::");
             if modules.contains_key(&candidate) {
@@ -89,14 +87,46 @@ fn references(text: &str, modules: &BTreeMap<String, PathBuf>) -> BTreeSet<Strin
                 break;
             }
         }
-        // `use crate::{a, b::c}` groups.
-        if let Some(inner) = rest.strip_prefix('{') {
+    };
+    for (i, _) in text
+        .match_indices("crate::")
+        .chain(text.match_indices("super::"))
+        .chain(text.match_indices("self::"))
+    {
+        // Only where a path starts (not `foo::super::`, not `mycrate::`).
+        let before = text[..i].chars().next_back();
+        if before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == ':') {
+            continue;
+        }
+        let mut rest = &text[i..];
+        let base: Vec<&str> = if let Some(r) = rest.strip_prefix("crate::") {
+            rest = r;
+            Vec::new()
+        } else if rest.starts_with("self::") {
+            rest = &rest["self::".len()..];
+            this.clone()
+        } else {
+            // The file's module is `this`; each `super` goes one level up.
+            let mut up = 0;
+            while let Some(r) = rest.strip_prefix("super::") {
+                rest = r;
+                up += 1;
+            }
+            this[..this.len().saturating_sub(up)].to_vec()
+        };
+        let path: String = rest
+            .chars()
+            .take_while(|c| c.is_alphanumeric() || *c == '_' || *c == ':')
+            .collect();
+        add(&base, &path);
+        // `use …::{a, b::c}` groups.
+        let after = &rest[path.len()..];
+        if let Some(inner) = after.strip_prefix('{') {
             let group: String = inner.chars().take_while(|c| *c != '}').collect();
             for item in group.split(',') {
-                let first = item.trim().split("::").next().unwrap_or_default().trim();
-                if modules.contains_key(first) {
-                    out.insert(first.to_owned());
-                }
+                let mut full = path.clone();
+                full.push_str(item.trim().split(" as ").next().unwrap_or_default());
+                add(&base, &full);
             }
         }
     }
@@ -113,7 +143,7 @@ fn no_import_cycle_between_modules() {
     let mut edges: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (m, path) in &modules {
         let text = std::fs::read_to_string(path).unwrap();
-        let targets = references(&text, &modules)
+        let targets = references(m, &text, &modules)
             .into_iter()
             .filter(|t| !related(m, t))
             .collect();

@@ -3,7 +3,7 @@
 //! the snapshot is built.
 
 use super::file::CertificateFile;
-use super::validate::{
+use super::types::{
     AcmeSpec, CertificateSource, KeyedError, LETS_ENCRYPT, LETS_ENCRYPT_STAGING, is_dns_name,
 };
 

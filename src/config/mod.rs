@@ -4,6 +4,7 @@
 
 mod certificates;
 pub mod file;
+mod types;
 mod validate;
 
 use std::fmt;
@@ -13,7 +14,7 @@ use figment::Figment;
 use figment::providers::{Env, Format};
 
 pub use file::{ClientCertMode, LogFormat, Mode, ProxyVersion, SmugglingGuard, UnknownSni};
-pub use validate::{
+pub use types::{
     AcmeSpec, CertificateSource, Config, Limits, ListenerConfig, LogConfig, Rate, UpstreamConfig,
     UpstreamTls,
 };
