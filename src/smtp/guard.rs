@@ -38,7 +38,9 @@ enum Col {
     Mid,
 }
 
-/// The guard's state over one DATA content (reset by [`Guard::begin`]).
+/// The guard's state over the session's DATA contents. A content ends only at the client's
+/// own `CRLF.CRLF`, which leaves the state as new (`Start`, after a real CRLF, no CR held),
+/// so the next DATA starts from where the last one ended; `reject` ends the session.
 #[derive(Debug, Clone)]
 pub(crate) struct Guard {
     mode: GuardMode,
@@ -90,13 +92,6 @@ impl Guard {
 
     pub(crate) fn mode(&self) -> GuardMode {
         self.mode
-    }
-
-    /// A new DATA content begins (right after the CRLF of the 354 reply's command).
-    pub(crate) fn begin(&mut self) {
-        self.after_crlf = true;
-        self.col = Col::Start;
-        self.cr = false;
     }
 
     /// The bare line ending that tripped `reject`, if one did.

@@ -455,7 +455,6 @@ impl SmtpStream {
                 ReplyKind::Data => {
                     if self.state == State::AwaitDataReply {
                         self.state = if span.code == 354 {
-                            self.guard.begin();
                             State::Data(2)
                         } else {
                             State::Command
