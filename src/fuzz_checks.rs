@@ -1,6 +1,6 @@
 //! Invariant checks behind the cargo-fuzz targets in `fuzz/` (catalogue §I, FZ-1..FZ-6).
 //! Each `check_*` takes the raw fuzz input and panics when an invariant breaks; the fuzz
-//! targets are thin wrappers, and `tests/fuzz_corpus.rs` replays the committed seeds and
+//! targets are thin wrappers, and `tests/it/fuzz_corpus.rs` replays the committed seeds and
 //! regression inputs (`fuzz/seeds/<target>/`) through the same functions under `cargo test`.
 //! Not part of the proxy's API.
 

@@ -5,7 +5,7 @@
 //! ```
 //!
 //! # Map
-//! Every module, one line each (`tests/architecture.rs` fails when one is missing here).
+//! Every module, one line each (`tests/it/architecture.rs` fails when one is missing here).
 //! - `main.rs` — CLI (`run` | `check`), exit codes 0/1/2; calls into the lib only.
 //! - [`config`] — proxy.yaml + `SMTP_TLS_PROXY_*` env via figment; `file` is the serde
 //!   mirror, `validate` the cross-checks; errors read `file: key.path: reason`.
@@ -41,7 +41,7 @@
 //! - [`metrics`] — the registry; a leaf that imports nothing from the crate.
 //! - [`check`], [`telemetry`].
 //! - `fuzz_checks` (feature `fuzzing` only) — the invariants the `fuzz/` targets and
-//!   `tests/fuzz_corpus.rs` assert.
+//!   `tests/it/fuzz_corpus.rs` assert.
 //!
 //! # Data flow
 //! ```text

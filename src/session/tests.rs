@@ -1,6 +1,6 @@
 //! Deterministic timeout tests: sessions and the relay over `tokio::io::duplex` with paused
 //! time (`start_paused`), so every timeout is exact and each test runs in milliseconds. The
-//! black-box fault sweep (tests/fault_sweep.rs) stays the end-to-end proof.
+//! black-box fault sweep (tests/it/fault_sweep.rs) stays the end-to-end proof.
 
 use std::net::SocketAddr;
 use std::path::Path;

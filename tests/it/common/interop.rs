@@ -1,4 +1,4 @@
-//! Drivers for the interop set (`tests/interop.rs`): real third-party senders and TLS stacks
+//! Drivers for the interop set (`tests/it/interop.rs`): real third-party senders and TLS stacks
 //! against the proxy binary and one shared test Postfix (`common::postfix`).
 //!
 //! - a PKI whose leaf certificates live 81 days (sslyze's Mozilla profiles check the lifespan,
@@ -9,7 +9,7 @@
 //!   connects from a chosen loopback address (gnutls-cli cannot bind its source address);
 //! - small process helpers with timeouts.
 //!
-//! Loaded with `#[path]` from `tests/interop.rs` (it is not part of `common/mod.rs`).
+//! The interop set's helpers (`tests/it/interop.rs`).
 // Test support: `pub` for the test files that use it, not an API.
 #![allow(unreachable_pub)]
 #![allow(dead_code)]

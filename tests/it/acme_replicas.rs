@@ -12,15 +12,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::pebble::Pebble;
-use common::*;
+use crate::common::pebble::Pebble;
+use crate::common::*;
 
 const DOMAIN: &str = "mail.example.test";
 const REPLICAS: usize = 3;
@@ -63,8 +61,8 @@ impl Balancer {
             .spawn()
             .expect("haproxy is installed (.ci/run installs it)");
         assert!(
-            common::postfix::wait_until(Duration::from_secs(10), || {
-                common::postfix::is_listening(front)
+            crate::common::postfix::wait_until(Duration::from_secs(10), || {
+                crate::common::postfix::is_listening(front)
             }),
             "HAProxy listens on {front}"
         );

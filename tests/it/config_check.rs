@@ -3,14 +3,12 @@
 // Test helpers outside #[test] fns may unwrap too: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::*;
+use crate::common::*;
 
-use common::run_check as check;
+use crate::common::run_check as check;
 
 #[test]
 fn the_shipped_proxy_yaml_is_valid() {

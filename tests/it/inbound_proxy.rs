@@ -3,13 +3,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::postfix::{Postfix, PostfixOptions};
-use common::*;
+use crate::common::postfix::{Postfix, PostfixOptions};
+use crate::common::*;
 use tokio::io::AsyncWriteExt;
 
 /// The load balancer's address in these tests, and the one CIDR trusted.

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 pub mod fault_mta;
+pub mod interop;
 pub mod pebble;
 pub mod postfix;
 

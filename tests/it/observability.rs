@@ -3,10 +3,8 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::postfix::{Postfix, PostfixOptions};
-use common::*;
+use crate::common::postfix::{Postfix, PostfixOptions};
+use crate::common::*;
 use serde_json::Value;
 use tokio::io::AsyncWriteExt;
 

@@ -6,8 +6,6 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -126,7 +124,7 @@ fn the_postfix_image_entrypoint_applies_proxy_port_cf_like_the_tests_do() {
         .unwrap();
     let service = String::from_utf8(out.stdout).unwrap();
     // Exactly the options the test suite's Postfix gets on its PROXY port.
-    let options = common::postfix::proxy_port_options();
+    let options = crate::common::postfix::proxy_port_options();
     assert!(!options.is_empty());
     assert!(
         service

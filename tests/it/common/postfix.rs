@@ -494,7 +494,7 @@ pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 }
 
 /// The proxy-facing smtpd parameters, from the file the deployment examples also use.
-pub const PROXY_PORT_CF: &str = include_str!("../../containers/postfix/proxy-port.cf");
+pub const PROXY_PORT_CF: &str = include_str!("../../../containers/postfix/proxy-port.cf");
 
 /// `PROXY_PORT_CF` as master.cf `-o name=value` options.
 pub fn proxy_port_options() -> String {

@@ -4,11 +4,9 @@
 // Test helpers outside #[test] fns may unwrap too: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::sync::atomic::Ordering;
 
-use common::*;
+use crate::common::*;
 
 fn proxy_with(mode: &str, pki: &TestPki, mta: &FakeMta) -> RunningProxy {
     let mx = pki.server_cert("mx", &["mx.example.test"], false);

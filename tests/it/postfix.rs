@@ -5,12 +5,10 @@
 // Test helpers outside #[test] fns may unwrap too: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::postfix::{Postfix, PostfixOptions};
-use common::*;
+use crate::common::postfix::{Postfix, PostfixOptions};
+use crate::common::*;
 
 const PF_WAIT: Duration = Duration::from_secs(20);
 

@@ -1,5 +1,5 @@
 //! The fault sweep (issue 8, catalogue §H and the fault cases of §B, §C, §F, §G): the real
-//! binary over loopback sockets against a scripted MTA (`common::fault_mta`) that refuses,
+//! binary over loopback sockets against a scripted MTA (`crate::common::fault_mta`) that refuses,
 //! never greets, greets 554, closes or resets mid-session, stops reading or half-closes;
 //! clients that abort, drip bytes, send garbage or renegotiate; a proxy started with a
 //! small RLIMIT_NOFILE. Every test ends with the proxy back at its descriptor baseline and
@@ -9,17 +9,15 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::fault_mta::{Fault, FaultMta};
-use common::postfix::{Postfix, PostfixOptions};
-use common::*;
+use crate::common::fault_mta::{Fault, FaultMta};
+use crate::common::postfix::{Postfix, PostfixOptions};
+use crate::common::*;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::timeout;

@@ -8,13 +8,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 
-use common::pebble::Pebble;
-use common::*;
+use crate::common::pebble::Pebble;
+use crate::common::*;
 
 const DOMAIN: &str = "mail.example.test";
 

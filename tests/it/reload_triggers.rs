@@ -5,19 +5,13 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rustls::pki_types::ServerName;
-
-/// Longer than the watcher's debounce (400 ms) plus a reload: a reload an event would cause
-/// has happened by then. Only used to show that nothing (more) happens.
-const QUIET: Duration = Duration::from_millis(1500);
 
 fn config(cert: &Path, key: &Path, extra_listener: &str) -> String {
     format!(
@@ -33,20 +27,64 @@ async fn reloads(proxy: &RunningProxy) -> f64 {
         .value("smtp_proxy_reloads_total", &[])
 }
 
-/// Waits for the `n`-th reload, then a quiet period, and checks that exactly `n` happened,
-/// by the log and by `/metrics`.
-async fn exactly(proxy: &RunningProxy, n: usize, what: &str) {
-    if n > 0 {
-        proxy.wait_reloaded(n).await;
+/// Counts reloads with a sentinel instead of a quiet period: after the `n`-th reload (plus
+/// the earlier sentinels' own), a listener `sentinel<k>` is appended to the config. That
+/// change must be the next reload; once its listener is bound, every reload the earlier
+/// actions caused has happened, and the count must be exactly `n` + the sentinels.
+struct Counter<'a> {
+    proxy: &'a RunningProxy,
+    config: &'a Path,
+    sentinels: std::cell::Cell<usize>,
+}
+
+impl<'a> Counter<'a> {
+    fn new(proxy: &'a RunningProxy, config: &'a Path) -> Self {
+        Counter {
+            proxy,
+            config,
+            sentinels: std::cell::Cell::new(0),
+        }
     }
-    tokio::time::sleep(QUIET).await;
-    let logged = proxy.count_logs(|v| v["message"] == "reloaded");
-    assert_eq!(logged, n, "{what}: reloads logged\n{}", proxy.log_text());
-    assert_eq!(
-        reloads(proxy).await,
-        n as f64,
-        "{what}: smtp_proxy_reloads_total"
-    );
+
+    /// Appends the next sentinel and waits until it is served; returns the reload count then.
+    async fn sentinel(&self) -> usize {
+        let k = self.sentinels.get();
+        let text = std::fs::read_to_string(self.config).unwrap();
+        std::fs::write(
+            self.config,
+            format!(
+                "{text}\n  sentinel{k}:\n    listen: \"127.0.0.1:0\"\n    mode: implicit\n    hostname: mail.example.test\n    upstream: mta\n"
+            ),
+        )
+        .unwrap();
+        let name = format!("sentinel{k}");
+        self.proxy
+            .wait_for_log(|v| v["message"] == "listening" && v["listener"] == name.as_str())
+            .await;
+        self.sentinels.set(k + 1);
+        self.proxy.count_logs(|v| v["message"] == "reloaded")
+    }
+
+    async fn exactly(&self, n: usize, what: &str) {
+        let before = self.sentinels.get();
+        if n + before > 0 {
+            self.proxy.wait_reloaded(n + before).await;
+        }
+        let logged = self.sentinel().await;
+        let expected = n + before + 1;
+        assert_eq!(
+            logged,
+            expected,
+            "{what}: reloads logged (with {} sentinel(s))\n{}",
+            before + 1,
+            self.proxy.log_text()
+        );
+        assert_eq!(
+            reloads(self.proxy).await,
+            expected as f64,
+            "{what}: smtp_proxy_reloads_total"
+        );
+    }
 }
 
 struct Setup {
@@ -89,40 +127,43 @@ async fn reading_the_files_or_running_check_never_reloads() {
     }
     let (code, _, err) = run_check(&s.config, &[]);
     assert_eq!(code, 0, "{err}");
-    exactly(&s.proxy, 0, "after reads and check").await;
+    let count = Counter::new(&s.proxy, &s.config);
+    count.exactly(0, "after reads and check").await;
     // Control: the watcher is live, so the silence above means something.
     std::fs::write(
         &s.config,
         std::fs::read_to_string(&s.config).unwrap() + "# edit\n",
     )
     .unwrap();
-    exactly(&s.proxy, 1, "after a real edit").await;
+    count.exactly(1, "after a real edit").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_sighup_is_exactly_one_reload() {
     let s = start("");
+    let count = Counter::new(&s.proxy, &s.config);
     s.proxy.signal("HUP");
-    exactly(&s.proxy, 1, "one SIGHUP").await;
+    count.exactly(1, "one SIGHUP").await;
     s.proxy.signal("HUP");
-    exactly(&s.proxy, 2, "a second SIGHUP").await;
+    count.exactly(2, "a second SIGHUP").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_kind_of_change_is_exactly_one_reload() {
     let s = start("");
+    let count = Counter::new(&s.proxy, &s.config);
     // Write in place (an editor without backup copies, `echo >>`).
     let text = std::fs::read_to_string(&s.config).unwrap();
     std::fs::write(&s.config, format!("{text}# in place\n")).unwrap();
-    exactly(&s.proxy, 1, "write in place").await;
+    count.exactly(1, "write in place").await;
     // Write-and-rename (certbot, vim, ansible).
     let next = s.pki.server_cert("next", &["mail.example.test"], false);
     std::fs::rename(&next.cert_path, &s.cert).unwrap();
     std::fs::rename(&next.key_path, &s.key).unwrap();
-    exactly(&s.proxy, 2, "write-and-rename").await;
+    count.exactly(2, "write-and-rename").await;
     // A permission change on the key (still readable: root).
     std::fs::set_permissions(&s.key, std::fs::Permissions::from_mode(0o640)).unwrap();
-    exactly(&s.proxy, 3, "chmod of the key").await;
+    count.exactly(3, "chmod of the key").await;
     let logs = s.proxy.logs();
     assert!(
         logs.iter()
@@ -174,7 +215,9 @@ async fn a_kubernetes_secret_swap_is_exactly_one_reload_and_serves_the_new_certi
     std::os::unix::fs::symlink("..2026_12_01_01_00_00.2", m.join("..data_tmp")).unwrap();
     std::fs::rename(m.join("..data_tmp"), m.join("..data")).unwrap();
     std::fs::remove_dir_all(m.join("..2026_12_01_00_00_00.1")).unwrap();
-    exactly(&proxy, 1, "secret swap").await;
+    Counter::new(&proxy, &config_path)
+        .exactly(1, "secret swap")
+        .await;
     assert_eq!(served().await, second.chain[0].as_ref());
 }
 
@@ -186,13 +229,10 @@ async fn fifty_writes_in_a_burst_are_one_or_two_reloads() {
         std::fs::write(&s.config, format!("{text}# burst {i}\n")).unwrap();
     }
     s.proxy.wait_reloaded(1).await;
-    tokio::time::sleep(QUIET).await;
-    let n = reloads(&s.proxy).await;
-    assert!(
-        (1.0..=2.0).contains(&n),
-        "{n} reloads for a burst of 50 writes"
-    );
-    assert_eq!(s.proxy.count_logs(|v| v["message"] == "reloaded") as f64, n);
+    let with_sentinel = Counter::new(&s.proxy, &s.config).sentinel().await;
+    let n = with_sentinel - 1;
+    assert!((1..=2).contains(&n), "{n} reloads for a burst of 50 writes");
+    assert_eq!(reloads(&s.proxy).await, with_sentinel as f64);
 }
 
 // ------------------------------------------------------------ TLS resumption across reloads

@@ -1,4 +1,4 @@
-//! A scripted MTA for fault injection (the fault sweep, `tests/fault_sweep.rs`), in the
+//! A scripted MTA for fault injection (the fault sweep, `tests/it/fault_sweep.rs`), in the
 //! manner of Postfix's `smtp-sink` fault options: never greet, greet with a refusal, close
 //! (FIN or RST) at a command or inside DATA, stop reading inside DATA, pad replies to move
 //! many bytes, half-close after QUIT. It records each proxied connection (header, command

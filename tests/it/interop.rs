@@ -28,10 +28,6 @@
 // Test helpers outside #[test] fns may unwrap too: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-#[path = "common/interop.rs"]
-mod interop;
-
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::Path;
@@ -40,9 +36,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
-use common::RunningProxy;
-use common::postfix::{Postfix, PostfixOptions};
-use interop::*;
+use crate::common::RunningProxy;
+use crate::common::interop::*;
+use crate::common::postfix::{Postfix, PostfixOptions};
 
 const WAIT: Duration = Duration::from_secs(30);
 const MX: &str = "mx.example.test";
@@ -825,7 +821,7 @@ fn interop_set() {
     let (bed, sender) = catch_unwind(|| {
         let pki = Pki::new(&[MX]);
         let pf = Postfix::start(PostfixOptions::default());
-        let proxy = common::spawn_proxy(&proxy_yaml(&pf, &pki));
+        let proxy = crate::common::spawn_proxy(&proxy_yaml(&pf, &pki));
         let bed = Bed { pf, proxy, pki };
         let sender = SenderPostfix::start(&postfix_routes(&bed));
         (bed, sender)

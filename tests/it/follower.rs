@@ -13,14 +13,12 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
-use common::postfix::{Postfix, PostfixOptions, wait_until};
-use common::*;
+use crate::common::postfix::{Postfix, PostfixOptions, wait_until};
+use crate::common::*;
 use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;

@@ -1,14 +1,12 @@
 //! STARTTLS listeners over real sockets (fake MTA for the recorded bytes; Postfix in
-//! tests/postfix.rs): dialogue, upgrade, injection defence, EHLO filtering, hostile input.
+//! tests/it/postfix.rs): dialogue, upgrade, injection defence, EHLO filtering, hostile input.
 
 // Test helpers outside #[test] fns may unwrap too: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 

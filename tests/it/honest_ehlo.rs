@@ -6,13 +6,11 @@
 
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use common::postfix::{Postfix, PostfixOptions};
-use common::*;
+use crate::common::postfix::{Postfix, PostfixOptions};
+use crate::common::*;
 use serde_json::json;
 
 const PF_WAIT: Duration = Duration::from_secs(20);

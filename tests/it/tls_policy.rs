@@ -6,9 +6,7 @@
 // Test helpers outside #[test] fns may unwrap too: a panic is the failure report.
 #![allow(clippy::unwrap_used)]
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 async fn setup() -> (FakeMta, RunningProxy) {
     setup_with(&implicit_listener("smtps", "mx.example.test", "")).await
