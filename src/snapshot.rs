@@ -1,6 +1,8 @@
 //! `Snapshot`: a validated `Config` plus everything built from it (certificate store,
 //! per-listener TLS configs, upstream connectors). It is the unit of reload: each
-//! connection holds its `Arc<Snapshot>` for its whole life.
+//! connection holds its listener's `Arc<ListenerRuntime>` (its config, TLS configs with the
+//! certificate store, and upstream) for its whole life, so a reload never changes a session
+//! in flight.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -1,6 +1,7 @@
 //! Connecting the upstream MTA: TCP connect, PROXY header (one write, always cleartext),
 //! optional TLS towards an internal CA, and the 220 greeting — all within the upstream's
-//! `connect_timeout`. Every failure maps to `421 4.3.0` for the client (`UpstreamError::reply`).
+//! `connect_timeout`. Every failure maps to `421 4.3.0` for the client, or to the MTA's own
+//! 5xx greeting (`From<UpstreamError> for session::phases::Ended`).
 
 use std::fmt;
 use std::net::SocketAddr;

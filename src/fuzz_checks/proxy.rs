@@ -12,7 +12,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 use super::{Input, segments};
 use crate::proxy_header::inbound::{self, InboundError, MAX_INBOUND_HEADER, Parsed};
 
-pub(super) const V2_SIGNATURE: &[u8; 12] = b"\r\n\r\n\0\r\nQUIT\n";
+pub(super) use crate::proxy_header::V2_SIGNATURE;
 /// v1: "a 107-byte buffer is enough for the longest line" (the PROXY specification §2.1).
 pub(super) const V1_MAX: usize = 107;
 
@@ -32,7 +32,7 @@ pub fn check_proxy_inbound(data: &[u8]) {
             let len = *len;
             assert!(len > 0 && len <= bytes.len() && len <= MAX_INBOUND_HEADER);
             let header = &bytes[..len];
-            if header.starts_with(V2_SIGNATURE) {
+            if header.starts_with(&V2_SIGNATURE) {
                 let declared = usize::from(u16::from_be_bytes([header[14], header[15]]));
                 assert_eq!(len, 16 + declared, "v2 length is the declared one");
                 let parsed = ppp::v2::Header::try_from(header).expect("ppp agrees it is a header");

@@ -15,7 +15,7 @@ pub(crate) const MAX_INBOUND_HEADER: usize = 4096;
 /// A v1 line with its CRLF is at most 107 bytes (the PROXY specification §2.1).
 const V1_MAX_LINE: usize = 107;
 const V1_PREFIX: &[u8] = b"PROXY ";
-const V2_SIGNATURE: &[u8] = b"\r\n\r\n\0\r\nQUIT\n";
+use super::V2_SIGNATURE;
 /// v2's fixed part: signature, version/command, family, and the 2-byte length after it.
 const V2_FIXED: usize = 16;
 

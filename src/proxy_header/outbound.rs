@@ -16,9 +16,7 @@ pub(crate) const MAX_CN_LEN: usize = 64;
 /// SNI is no host name and is left out rather than cut.
 pub(crate) const MAX_AUTHORITY_LEN: usize = 255;
 
-const SIGNATURE: [u8; 12] = [
-    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
-];
+use super::V2_SIGNATURE as SIGNATURE;
 const PP2_TYPE_ALPN: u8 = 0x01;
 const PP2_TYPE_AUTHORITY: u8 = 0x02;
 const PP2_TYPE_CRC32C: u8 = 0x03;

@@ -1,15 +1,14 @@
 //! Implicit TLS (port 465): handshake first, then the upstream with a PROXY header carrying
 //! the TLS facts, its greeting forwarded unchanged, then the relay.
 
-use tokio::io::{AsyncRead, AsyncWrite};
-
+use super::ClientStream;
 use super::report::{Outcome, Transport};
 use super::{Ended, Finished, Session, write_reply};
 use crate::smtp::stream::Path;
 
 pub(super) async fn run<S>(session: Session<S>) -> Result<Finished, Finished>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: ClientStream,
 {
     let session = Box::pin(session.into_tls(Transport::Implicit)).await?;
     let (mut session, mut up) = Box::pin(session.connect()).await?;

@@ -5,9 +5,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::server::TlsStream;
 
+use super::ClientStream;
 use super::report::{Facts, LimitKind, Outcome, Phase, SessionReport, Transport};
 use super::{trusted_balancer, write_reply};
 use crate::config::SmugglingGuard;
@@ -114,7 +115,7 @@ impl Finished {
     }
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
+impl<S: ClientStream> Session<S> {
     pub(crate) fn new(io: S, facts: Facts) -> Session<S> {
         Session {
             io,

@@ -3,10 +3,11 @@
 //! CVE-2011-0411) or hands the plaintext session to the upstream (greeting consumed,
 //! EHLO/HELO replayed, the pending command and everything after it forwarded).
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::{Instant, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 
+use super::ClientStream;
 use super::report::{Outcome, Phase, Transport};
 use super::{Ended, Finished, Session, write_reply};
 use crate::smtp::dialogue::{self, CloseReason, Dialogue, Greet};
@@ -20,7 +21,7 @@ pub(super) async fn run<S>(
     shutdown: &CancellationToken,
 ) -> Result<Finished, Finished>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: ClientStream,
 {
     match Box::pin(session.dialogue(shutdown)).await? {
         (session, Onward::Upgrade) => upgraded(session).await,
@@ -40,7 +41,7 @@ enum Onward {
     },
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
+impl<S: ClientStream> Session<S> {
     /// The pre-TLS dialogue until its hand-off; every reply of the dialogue, the STARTTLS
     /// `220` included, is written here.
     async fn dialogue(
@@ -140,7 +141,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
 /// next command, normally EHLO).
 async fn upgraded<S>(session: Session<S>) -> Result<Finished, Finished>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: ClientStream,
 {
     let session = Box::pin(session.into_tls(Transport::Starttls)).await?;
     let (session, first) = session.first_command(pretls::READ).await?;
@@ -174,7 +175,7 @@ async fn plaintext<S>(
     forward: Vec<u8>,
 ) -> Result<Finished, Finished>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: ClientStream,
 {
     session.facts.transport = Transport::Plaintext;
     let (mut session, mut up) = Box::pin(connect_greeted(session)).await?;
@@ -211,7 +212,7 @@ where
 /// Connects and requires a 2xx greeting (consumed, never forwarded on these paths).
 async fn connect_greeted<S>(session: Session<S>) -> Result<(Session<S>, Upstream), Finished>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: ClientStream,
 {
     let (session, up) = session.connect().await?;
     let name = &session.facts.listener.upstream.config.name;

@@ -34,6 +34,12 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Mode;
 use crate::limits::{IpSlot, PerIp, Slot};
 use crate::smtp::reply;
+
+/// What a session runs over: TCP, TLS over it, a stream with an inbound PROXY header's
+/// leftovers in front, or an in-memory duplex in tests.
+pub(crate) trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> ClientStream for T {}
 use crate::snapshot::ListenerRuntime;
 pub(crate) use phases::{Ended, Finished, Owed, Session};
 pub(crate) use report::{Facts, LimitKind, Outcome, SessionReport};
@@ -100,7 +106,7 @@ pub(crate) async fn serve<S>(
     shutdown: &CancellationToken,
 ) -> SessionReport
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: ClientStream,
 {
     let session = Session::new(io, Facts::new(session_id, listener, peer));
     let mut ip_slot = None;
@@ -121,7 +127,7 @@ async fn phases<S>(
     shutdown: &CancellationToken,
 ) -> Result<Finished, Finished>
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: ClientStream,
 {
     let session = Box::pin(session.read_proxy_header()).await?;
     let (session, slot) = session.admit(gate)?;
