@@ -115,6 +115,9 @@ pub struct AcmeSlot {
     challenge: Arc<ServerConfig>,
     /// With `rotate_key`: the TLSA value of the key the next renewal will use.
     next_tlsa: ArcSwapOption<String>,
+    /// A problem found while the slot was made (during `snapshot::build`, possibly before
+    /// logging is set up): logged when its client starts.
+    startup_warning: Mutex<Option<String>>,
 }
 
 impl ManagedCert for AcmeSlot {
@@ -242,12 +245,16 @@ impl ManagedCerts for AcmeManager {
             issued: ArcSwapOption::empty(),
             challenge: Arc::new(challenge),
             next_tlsa: ArcSwapOption::empty(),
+            startup_warning: Mutex::default(),
         });
         let cache = AcmeStore::new(spec);
         if let Ok(Some(pem)) = cache.read(&cache.cert_file()) {
             // Logged when its client starts (`start`): logging may not be set up yet.
             if let Err(e) = slot.publish(&pem, provider) {
-                tracing::warn!(domains = %slot.label(), error = %e, "acme store holds an unusable certificate; ordering a new one")
+                *slot
+                    .startup_warning
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(e);
             }
         }
         if spec.rotate_key
@@ -305,6 +312,14 @@ impl Drop for AcmeManager {
 /// Starts the entry's ACME client. A cached certificate is announced here, synchronously:
 /// the start-up log says what is served before `ready`.
 fn start(slot: Arc<AcmeSlot>, provider: Arc<CryptoProvider>) -> JoinHandle<()> {
+    let warning = slot
+        .startup_warning
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    if let Some(e) = warning {
+        tracing::warn!(domains = %slot.label(), error = %e, "acme store holds an unusable certificate; ordering a new one");
+    }
     if let Some(c) = slot.issued() {
         tracing::info!(
             domains = %slot.label(),

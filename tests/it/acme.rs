@@ -298,3 +298,35 @@ async fn rotate_key_renews_with_the_next_key_announced_one_renewal_ahead() {
     assert_ne!(next["next_tlsa"], tlsa_of(&first));
     drop(r.pebble);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unusable_cached_certificate_is_warned_about_in_the_log() {
+    // The warning is found while the snapshot is built, before logging is set up; it must
+    // still reach the log (issue 26).
+    let mta = FakeMta::start().await;
+    let work = tempfile::tempdir().unwrap();
+    let cache = work.path().join("acme");
+    std::fs::create_dir(&cache).unwrap();
+    let directory = "https://127.0.0.1:9/dir";
+    // The store's file name: cert-<first 12 bytes of SHA-256(domains \0 directory), hex>.
+    let digest = aws_lc_rs::digest::digest(
+        &aws_lc_rs::digest::SHA256,
+        format!("{DOMAIN}\0{directory}").as_bytes(),
+    );
+    let h = hex(&digest.as_ref()[..12]);
+    std::fs::write(cache.join(format!("cert-{h}.pem")), b"not a certificate").unwrap();
+    let acme = format!(
+        "      domains: [{DOMAIN}]\n      directory: \"{directory}\"\n      cache: {}\n",
+        cache.display()
+    );
+    let proxy = spawn_proxy(&config(mta.addr, free_port(), &acme));
+    let line = proxy
+        .wait_for_log(|v| {
+            v["message"] == "acme store holds an unusable certificate; ordering a new one"
+        })
+        .await;
+    assert!(
+        line["error"].as_str().is_some_and(|e| !e.is_empty()),
+        "{line}"
+    );
+}
