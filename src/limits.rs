@@ -93,15 +93,23 @@ const FDS_RESERVED: u64 = 64;
 /// Raises the soft RLIMIT_NOFILE to the hard limit and returns the default global
 /// `max_connections`: as many sessions as the descriptors allow, so that a flood meets a
 /// prompt refusal rather than EMFILE.
+/// The result is also what [`default_max_connections`] returns from then on.
 pub fn raise_nofile() -> (u64, usize) {
     let nofile = rlimit::increase_nofile_limit(u64::MAX)
         .or_else(|_| rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft))
         .unwrap_or(1024);
-    let sessions = nofile.saturating_sub(FDS_RESERVED) / FDS_PER_SESSION;
-    (
-        nofile,
-        usize::try_from(sessions.max(1)).unwrap_or(usize::MAX),
-    )
+    let sessions = usize::try_from((nofile.saturating_sub(FDS_RESERVED) / FDS_PER_SESSION).max(1))
+        .unwrap_or(usize::MAX);
+    let _ = DEFAULT_MAX_CONNECTIONS.set(sessions);
+    (nofile, sessions)
+}
+
+static DEFAULT_MAX_CONNECTIONS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// The global `max_connections` when the config sets none: derived from RLIMIT_NOFILE by
+/// [`raise_nofile`] at start (a conservative 1,000 before it ran, e.g. for `check`).
+pub fn default_max_connections() -> usize {
+    DEFAULT_MAX_CONNECTIONS.get().copied().unwrap_or(1000)
 }
 
 #[cfg(test)]

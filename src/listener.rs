@@ -28,8 +28,6 @@ pub(crate) struct Shared {
     pub shutdown: CancellationToken,
     /// Sessions across all listeners.
     pub global: Arc<Counter>,
-    /// Global maximum when the config sets none: derived from RLIMIT_NOFILE.
-    pub default_max_connections: usize,
     /// The `deny_file`'s current list (swapped in by `abuse::watch_deny_file`).
     pub deny_file: crate::abuse::SharedDenyList,
 }
@@ -65,10 +63,7 @@ pub(crate) async fn serve(
             // Removed by a reload that has not stopped us yet.
             continue;
         };
-        let global_max = snapshot
-            .config
-            .max_connections
-            .unwrap_or(shared.default_max_connections);
+        let global_max = snapshot.max_connections;
         drop(snapshot);
         runtime.counters.connection();
         let local = tcp.local_addr().unwrap_or(runtime.config.listen);

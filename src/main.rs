@@ -27,6 +27,10 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let run = !matches!(cli.command, Some(Command::Check));
+    // Before the snapshot is built: the default `max_connections` follows from it. `check`
+    // leaves the limit alone and shows the conservative default.
+    let nofile = run.then(smtp_tls_proxy::limits::raise_nofile);
     let acme = std::sync::Arc::new(smtp_tls_proxy::acme::AcmeManager::default());
     let loaded = snapshot::read_config(&cli.config).and_then(|c| snapshot::build(c, &acme, None));
     let snapshot = match loaded {
@@ -51,13 +55,9 @@ fn main() -> ExitCode {
     for w in check::warnings(&snapshot.config) {
         tracing::warn!(warning = %w, "configuration warning");
     }
-    let (nofile, default_max_connections) = smtp_tls_proxy::limits::raise_nofile();
     tracing::info!(
-        nofile,
-        max_connections = snapshot
-            .config
-            .max_connections
-            .unwrap_or(default_max_connections),
+        nofile = nofile.map(|(n, _)| n).unwrap_or_default(),
+        max_connections = snapshot.max_connections,
         "open-file limit"
     );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -71,36 +71,21 @@ fn main() -> ExitCode {
         }
     };
     runtime.block_on(async move {
-        let signals = match server::Signals::register() {
-            Ok(s) => s,
+        let triggers = match server::Triggers::from_signals() {
+            Ok(t) => t,
             Err(e) => {
                 eprintln!("cannot register signal handlers: {e}");
                 return ExitCode::from(1);
             }
         };
-        let bound = match server::bind_all(&snapshot) {
-            Ok(b) => b,
+        let start = match server::Start::bind(acme, snapshot) {
+            Ok(s) => s,
             Err(e) => {
                 eprintln!("{e}");
                 return ExitCode::from(1);
             }
         };
-        let metrics_listener = match server::bind_metrics(&snapshot) {
-            Ok(m) => m,
-            Err(e) => {
-                eprintln!("{e}");
-                return ExitCode::from(1);
-            }
-        };
-        server::run(
-            acme,
-            snapshot,
-            bound,
-            metrics_listener,
-            signals,
-            default_max_connections,
-        )
-        .await;
+        server::run(start, triggers).await;
         ExitCode::SUCCESS
     })
 }

@@ -1,14 +1,19 @@
-//! Supervisor: binds the listeners and runs their accept loops; reloads on SIGHUP and on
-//! changed files (the listener set is diffed: new or moved listeners are bound before the
-//! swap, removed ones unbound after it, untouched ones keep their socket); on SIGTERM/SIGINT
-//! stops accepting, answers 421 to sessions still in the pre-TLS dialogue and lets the
-//! others finish within `shutdown_grace`.
+//! The `Supervisor` owns what runs beside the sessions: the current snapshot, health, ACME,
+//! the status server, the running listeners and the file watcher. `run` drives it with
+//! values, not signals (mini-redis's `server::run(listener, shutdown)` is the model): a
+//! shutdown future and a channel of reload requests, which `Triggers::from_signals` makes
+//! from SIGTERM/SIGINT and SIGHUP. Start-up and reload adopt a snapshot the same way
+//! (`adopt`); a reload diffs the listener set (new or moved listeners are bound before the
+//! swap, removed ones unbound after it, untouched ones keep their socket); `drain` stops
+//! accepting, answers 421 to sessions still in the pre-TLS dialogue and lets the others
+//! finish within `shutdown_grace`.
 
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -40,25 +45,62 @@ pub struct Bound {
     listener: TcpListener,
 }
 
-/// Signal streams, registered before binding: SIGHUP's default action would kill us.
-pub struct Signals {
-    term: Signal,
-    int: Signal,
-    hup: Signal,
+/// What drives `run` from outside: a future that completes when the proxy must stop, and
+/// reload requests.
+pub struct Triggers {
+    pub shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    pub reload: mpsc::UnboundedReceiver<()>,
 }
 
-impl Signals {
-    pub fn register() -> io::Result<Signals> {
-        Ok(Signals {
-            term: signal(SignalKind::terminate())?,
-            int: signal(SignalKind::interrupt())?,
-            hup: signal(SignalKind::hangup())?,
+impl Triggers {
+    /// SIGTERM or SIGINT stop, SIGHUP reloads. Registered before binding: SIGHUP's
+    /// default action would kill us.
+    pub fn from_signals() -> io::Result<Triggers> {
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut hup: Signal = signal(SignalKind::hangup())?;
+        let (tx, reload) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                if tx.send(()).is_err() {
+                    break;
+                }
+            }
+        });
+        let shutdown = Box::pin(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+        });
+        Ok(Triggers { shutdown, reload })
+    }
+}
+
+/// What `run` starts from: the first snapshot with its listeners (and metrics) bound.
+pub struct Start {
+    acme: Arc<AcmeManager>,
+    snapshot: Snapshot,
+    bound: Vec<Bound>,
+    metrics: Option<(TcpListener, SocketAddr)>,
+}
+
+impl Start {
+    /// Binds every listener and the metrics address; the error names the key.
+    pub fn bind(acme: Arc<AcmeManager>, snapshot: Snapshot) -> Result<Start, String> {
+        let bound = bind_all(&snapshot)?;
+        let metrics = bind_metrics(&snapshot)?;
+        Ok(Start {
+            acme,
+            snapshot,
+            bound,
+            metrics,
         })
     }
 }
 
 /// Binds every listener of the snapshot; the error names the listener.
-pub fn bind_all(snapshot: &Snapshot) -> Result<Vec<Bound>, String> {
+fn bind_all(snapshot: &Snapshot) -> Result<Vec<Bound>, String> {
     snapshot
         .listeners
         .iter()
@@ -117,7 +159,7 @@ struct Running {
     task: JoinHandle<()>,
 }
 
-fn start(
+fn start_loop(
     shared: &Arc<Shared>,
     parent: &CancellationToken,
     b: Bound,
@@ -140,7 +182,7 @@ fn start(
 }
 
 /// Binds `metrics.listen` if configured; the error names the key.
-pub fn bind_metrics(snapshot: &Snapshot) -> Result<Option<(TcpListener, SocketAddr)>, String> {
+fn bind_metrics(snapshot: &Snapshot) -> Result<Option<(TcpListener, SocketAddr)>, String> {
     let Some(addr) = snapshot.config.metrics_listen else {
         return Ok(None);
     };
@@ -154,115 +196,153 @@ pub fn bind_metrics(snapshot: &Snapshot) -> Result<Option<(TcpListener, SocketAd
     Ok(Some((listener, bound)))
 }
 
-/// Runs until SIGTERM/SIGINT, then drains. Returns when the process may exit 0.
-pub async fn run(
-    acme: Arc<AcmeManager>,
-    snapshot: Snapshot,
-    bound: Vec<Bound>,
-    metrics_listener: Option<(TcpListener, SocketAddr)>,
-    mut signals: Signals,
-    default_max_connections: usize,
-) {
-    let grace = snapshot.config.shutdown_grace;
-    let health = Arc::new(Health::default());
-    health.sync(&snapshot);
-    metrics().reload_results(&ReloadResult::ALL.map(ReloadResult::as_str));
-    publish_series(&snapshot);
-    snapshot.store.publish_expiry();
-    acme.sync(&acme_specs(&snapshot), &crate::tls::provider());
-    let shared = Arc::new(Shared {
-        current: Arc::new(ArcSwap::from_pointee(snapshot)),
-        tracker: TaskTracker::new(),
-        shutdown: CancellationToken::new(),
-        global: Arc::default(),
-        default_max_connections,
-        deny_file: Arc::default(),
-    });
-    let deny_watch = {
-        let current = shared.current.clone();
-        tokio::spawn(crate::abuse::watch_deny_file(
-            shared.deny_file.clone(),
-            move || current.load().config.deny_file.clone(),
-        ))
-    };
-    let stop_all = CancellationToken::new();
-    let mut running = BTreeMap::new();
-    for b in bound {
-        let listen = shared.current.load().listeners[&b.name].config.listen;
-        running.insert(b.name.clone(), start(&shared, &stop_all, b, listen));
-    }
-    let (tx, mut changes) = mpsc::unbounded_channel();
-    let mut watcher = match FileWatcher::start(tx) {
-        Ok(mut w) => {
-            w.watch(watch::files_of(&shared.current.load().config));
-            Some(w)
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot watch files; reload with SIGHUP");
-            None
-        }
-    };
-    let status = Arc::new(Status {
-        current: shared.current.clone(),
-        health: health.clone(),
-        serving: AtomicBool::new(true),
-    });
-    let http_stop = CancellationToken::new();
-    if let Some((listener, addr)) = metrics_listener {
-        tracing::info!(address = %addr, "metrics listening");
-        tokio::spawn(crate::http::serve(
-            listener,
-            status.clone(),
-            http_stop.clone(),
-        ));
-    }
+/// Runs until `triggers.shutdown`, reloading on each request and on changed files, then
+/// drains. Returns when the process may exit 0.
+pub async fn run(start: Start, mut triggers: Triggers) {
+    let (mut supervisor, mut changes) = Supervisor::start(start);
     tracing::info!("ready");
     loop {
         let cause = tokio::select! {
-            _ = signals.term.recv() => break,
-            _ = signals.int.recv() => break,
-            _ = signals.hup.recv() => Cause::Sighup,
+            () = &mut triggers.shutdown => break,
+            Some(()) = triggers.reload.recv() => Cause::Sighup,
             Some(()) = changes.recv() => {
                 while changes.try_recv().is_ok() {}
                 Cause::FileChange
             }
         };
-        reload(
-            &shared,
-            &health,
-            &acme,
-            &stop_all,
-            &mut running,
-            watcher.as_mut(),
-            cause,
-        )
-        .await;
+        supervisor.reload(cause).await;
     }
-    status.serving.store(false, Ordering::Release);
-    tracing::info!(
-        grace_ms = grace.as_millis() as u64,
-        sessions = shared.tracker.len(),
-        "shutting down: no new connections"
-    );
-    drop(watcher);
-    deny_watch.abort();
-    stop_all.cancel();
-    for (_, r) in running {
-        let _ = r.task.await;
+    supervisor.drain().await;
+}
+
+/// Everything the proxy runs beside its sessions, owned in one place.
+pub(crate) struct Supervisor {
+    shared: Arc<Shared>,
+    health: Arc<Health>,
+    acme: Arc<AcmeManager>,
+    status: Arc<Status>,
+    /// Parent of every accept loop's stop token.
+    stop_all: CancellationToken,
+    running: BTreeMap<String, Running>,
+    watcher: Option<FileWatcher>,
+    deny_watch: JoinHandle<()>,
+    http_stop: CancellationToken,
+}
+
+impl Supervisor {
+    /// Adopts the first snapshot, starts the accept loops, the watcher, the deny-file
+    /// watch and the status server. Returns the watcher's change events.
+    fn start(start: Start) -> (Supervisor, mpsc::UnboundedReceiver<()>) {
+        let Start {
+            acme,
+            snapshot,
+            bound,
+            metrics: metrics_listener,
+        } = start;
+        metrics().reload_results(&ReloadResult::ALL.map(ReloadResult::as_str));
+        let health = Arc::new(Health::default());
+        adopt(&snapshot, &health, &acme);
+        let shared = Arc::new(Shared {
+            current: Arc::new(ArcSwap::from_pointee(snapshot)),
+            tracker: TaskTracker::new(),
+            shutdown: CancellationToken::new(),
+            global: Arc::default(),
+            deny_file: Arc::default(),
+        });
+        let deny_watch = {
+            let current = shared.current.clone();
+            tokio::spawn(crate::abuse::watch_deny_file(
+                shared.deny_file.clone(),
+                move || current.load().config.deny_file.clone(),
+            ))
+        };
+        let stop_all = CancellationToken::new();
+        let mut running = BTreeMap::new();
+        for b in bound {
+            let listen = shared.current.load().listeners[&b.name].config.listen;
+            running.insert(b.name.clone(), start_loop(&shared, &stop_all, b, listen));
+        }
+        let (tx, changes) = mpsc::unbounded_channel();
+        let watcher = match FileWatcher::start(tx) {
+            Ok(mut w) => {
+                w.watch(watch::files_of(&shared.current.load().config));
+                Some(w)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch files; reload with SIGHUP");
+                None
+            }
+        };
+        let status = Arc::new(Status {
+            current: shared.current.clone(),
+            health: health.clone(),
+            serving: AtomicBool::new(true),
+        });
+        let http_stop = CancellationToken::new();
+        if let Some((listener, addr)) = metrics_listener {
+            tracing::info!(address = %addr, "metrics listening");
+            tokio::spawn(crate::http::serve(
+                listener,
+                status.clone(),
+                http_stop.clone(),
+            ));
+        }
+        let supervisor = Supervisor {
+            shared,
+            health,
+            acme,
+            status,
+            stop_all,
+            running,
+            watcher,
+            deny_watch,
+            http_stop,
+        };
+        (supervisor, changes)
     }
-    // Sessions still in the pre-TLS dialogue answer 421 4.3.0 and close.
-    shared.shutdown.cancel();
-    shared.tracker.close();
-    if tokio::time::timeout(grace, shared.tracker.wait())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            sessions = shared.tracker.len(),
-            "shutdown grace elapsed; cutting remaining sessions"
+
+    async fn reload(&mut self, cause: Cause) {
+        reload(self, cause).await;
+    }
+
+    /// Stops accepting, answers 421 to sessions still in the pre-TLS dialogue, waits for the
+    /// others within `shutdown_grace`.
+    async fn drain(self) {
+        let grace: Duration = self.shared.current.load().config.shutdown_grace;
+        self.status.serving.store(false, Ordering::Release);
+        tracing::info!(
+            grace_ms = grace.as_millis() as u64,
+            sessions = self.shared.tracker.len(),
+            "shutting down: no new connections"
         );
+        drop(self.watcher);
+        self.deny_watch.abort();
+        self.stop_all.cancel();
+        for (_, r) in self.running {
+            let _ = r.task.await;
+        }
+        self.shared.shutdown.cancel();
+        self.shared.tracker.close();
+        if tokio::time::timeout(grace, self.shared.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                sessions = self.shared.tracker.len(),
+                "shutdown grace elapsed; cutting remaining sessions"
+            );
+        }
+        self.http_stop.cancel();
+        tracing::info!("stopped");
     }
-    http_stop.cancel();
-    drop(health);
-    tracing::info!("stopped");
+}
+
+/// What a snapshot publishes when it becomes current, at start and at every reload alike:
+/// its zero series and certificate expiry, the upstreams health follows, the ACME entries
+/// that run.
+fn adopt(snapshot: &Snapshot, health: &Arc<Health>, acme: &AcmeManager) {
+    snapshot.store.publish_expiry();
+    publish_series(snapshot);
+    health.sync(snapshot);
+    acme.sync(&acme_specs(snapshot), &crate::tls::provider());
 }

@@ -26,6 +26,8 @@ use crate::watch::{self, FileStamps};
 #[derive(Debug)]
 pub struct Snapshot {
     pub config: Config,
+    /// The global `max_connections`: the config's, else derived from the open-file limit.
+    pub max_connections: usize,
     pub store: Arc<CertStore>,
     pub upstreams: BTreeMap<String, Arc<UpstreamRuntime>>,
     pub listeners: BTreeMap<String, Arc<ListenerRuntime>>,
@@ -167,6 +169,9 @@ pub fn build(
         );
     }
     Ok(Snapshot {
+        max_connections: config
+            .max_connections
+            .unwrap_or_else(crate::limits::default_max_connections),
         config,
         store,
         upstreams,

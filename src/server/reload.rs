@@ -1,19 +1,13 @@
 //! Reload: load, validate and build the new snapshot, bind what is new, swap, unbind what is
 //! gone; plus what a new snapshot publishes (zero series, key-change warnings).
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use tokio_util::sync::CancellationToken;
-
-use super::{Running, bind_one, start};
-use crate::acme::AcmeManager;
+use super::{Supervisor, adopt, bind_one, start_loop};
 use crate::config::{AcmeSpec, CertificateSource};
-use crate::health::Health;
-use crate::listener::Shared;
 use crate::metrics::metrics;
 use crate::snapshot::{self, Snapshot};
-use crate::watch::{self, FileWatcher};
+use crate::watch;
 
 /// How a reload ended (the `result` label of `smtp_proxy_reloads_total`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,15 +47,16 @@ impl Cause {
 
 /// Load + validate + build + bind what is new, then swap and unbind what is gone. On any
 /// error the old snapshot and every old listener keep serving.
-pub(super) async fn reload(
-    shared: &Arc<Shared>,
-    health: &Arc<Health>,
-    acme: &AcmeManager,
-    stop_all: &CancellationToken,
-    running: &mut BTreeMap<String, Running>,
-    watcher: Option<&mut FileWatcher>,
-    cause: Cause,
-) {
+pub(super) async fn reload(sup: &mut Supervisor, cause: Cause) {
+    let Supervisor {
+        shared,
+        acme,
+        health,
+        stop_all,
+        running,
+        watcher,
+        ..
+    } = sup;
     let current = shared.current.load_full();
     let path = current.config.path.clone();
     if cause == Cause::FileChange && current.files.unchanged() {
@@ -74,7 +69,7 @@ pub(super) async fn reload(
         Ok(c) => c,
         Err(e) => return reload_failed(cause, &e.to_string()),
     };
-    if let Some(w) = watcher {
+    if let Some(w) = watcher.as_mut() {
         // Also the new config's files: a certificate path that does not exist yet is
         // picked up as soon as it appears.
         let mut watched = watch::files_of(&config);
@@ -101,10 +96,7 @@ pub(super) async fn reload(
         }
     }
     let names: Vec<String> = next.listeners.keys().cloned().collect();
-    next.store.publish_expiry();
-    publish_series(&next);
-    health.sync(&next);
-    acme.sync(&acme_specs(&next), &crate::tls::provider());
+    adopt(&next, health, acme);
     let previous = shared.current.swap(Arc::new(next));
     // Warned only now: a reload that failed to bind changed no key that anyone is served.
     warn_key_changes(&previous.store, &shared.current.load().store);
@@ -122,7 +114,7 @@ pub(super) async fn reload(
         }
     }
     for (b, listen) in fresh {
-        running.insert(b.name.clone(), start(shared, stop_all, b, listen));
+        running.insert(b.name.clone(), start_loop(shared, stop_all, b, listen));
     }
     metrics().reload(ReloadResult::Ok.as_str());
     tracing::info!(config = %path.display(), cause, "reloaded");

@@ -50,13 +50,16 @@ impl<'a> Counter<'a> {
     async fn sentinel(&self) -> usize {
         let k = self.sentinels.get();
         let text = std::fs::read_to_string(self.config).unwrap();
+        // Written aside and renamed over: the proxy never reads a half-written sentinel.
+        let aside = self.config.with_extension("sentinel");
         std::fs::write(
-            self.config,
+            &aside,
             format!(
                 "{text}\n  sentinel{k}:\n    listen: \"127.0.0.1:0\"\n    mode: implicit\n    hostname: mail.example.test\n    upstream: mta\n"
             ),
         )
         .unwrap();
+        std::fs::rename(&aside, self.config).unwrap();
         let name = format!("sentinel{k}");
         self.proxy
             .wait_for_log(|v| v["message"] == "listening" && v["listener"] == name.as_str())
