@@ -102,7 +102,7 @@ pub fn describe(snapshot: &Snapshot) -> String {
     if let Some(p) = &c.deny_file {
         let state = match std::fs::read_to_string(p) {
             Ok(text) => {
-                let (list, bad) = crate::abuse::parse_deny_file(&text);
+                let (list, bad) = crate::admission::abuse::parse_deny_file(&text);
                 format!("{} ranges, {} bad lines skipped", list.len(), bad.len())
             }
             Err(e) => format!("not readable now ({e}): denies nobody until it is"),

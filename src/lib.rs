@@ -15,10 +15,10 @@
 //! - [`server`] — binds listeners, signals (SIGHUP reload, SIGTERM drain), reload with a
 //!   listener diff; [`watch`] turns file changes into reloads (filtered, debounced, skipped
 //!   when nothing changed).
-//! - [`listener`] — accept loop: takes the global/listener slots ([`limits`]), spawns
-//!   [`session::run`] under a span.
+//! - [`listener`] — accept loop: one [`admission`]`::Admission` per loop gives each
+//!   connection its permits (global and listener slots), then spawns [`session::run`].
 //! - [`session`] — one connection as typed phases over any stream: `phases` (inbound PROXY,
-//!   per-IP admission, TLS, upstream, relay), `implicit`, `starttls` (the dialogue and its
+//!   admission on the real address, TLS, upstream, relay), `implicit`, `starttls` (the dialogue and its
 //!   two hand-offs); `report` holds the facts and the one summary line.
 //! - [`smtp`] — pure SMTP, no sockets: `command` (the session's one reading of a command
 //!   line, Postfix's), `line` (bounded line reader), `dialogue` (pre-TLS state machine),
@@ -32,8 +32,11 @@
 //!   It implements `tls::store::ManagedCert`; `tls` does not import `acme`.
 //! - [`proxy_header`] — PROXY v1/v2 towards the MTA, within Postfix's 536-byte limit;
 //!   `inbound` reads it from trusted load balancers; [`io`]`::Prefixed` replays what followed.
-//! - [`abuse`] — `allow`/`deny`, the polled `deny_file`, `per_ip_rate`: decided on the real
-//!   client address before any TLS work (the session's admission phase).
+//! - [`admission`] — whether a connection may become a session: `Admission` (one per accept
+//!   loop, outliving reloads) hands out `Permits` at accept (`limits`: global and listener
+//!   slots) and admits the real client address (`abuse`: `allow`/`deny`, the polled
+//!   `deny_file`, `per_ip_rate`; then the per-IP slot) before any TLS work. The permits
+//!   travel in the session's facts and are released when it ends.
 //! - [`upstream`] — connect, header, optional TLS, greeting, all under `connect_timeout`.
 //! - [`relay`] — both directions, half-close, idle timeout, byte counts.
 //! - [`health`] — the upstream probe (PROXY v2 LOCAL, greeting); [`http`] serves
@@ -57,8 +60,8 @@
 //! ```
 #![forbid(unsafe_code)]
 
-pub(crate) mod abuse;
 pub mod acme;
+pub mod admission;
 pub mod check;
 pub mod config;
 #[cfg(feature = "fuzzing")]
@@ -67,7 +70,6 @@ pub mod fuzz_checks;
 pub(crate) mod health;
 pub(crate) mod http;
 pub(crate) mod io;
-pub mod limits;
 pub(crate) mod listener;
 pub(crate) mod metrics;
 pub(crate) mod proxy_header;

@@ -12,8 +12,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::limits::{Counter, PerIp};
-use crate::session::{self, Accepted, LimitKind, Peer};
+use crate::admission::Admission;
+use crate::admission::limits::Counter;
+use crate::session::{self, Accepted, Peer};
 use crate::snapshot::Snapshot;
 
 /// Pause after a failed accept, so descriptor exhaustion never becomes a busy loop.
@@ -29,7 +30,7 @@ pub(crate) struct Shared {
     /// Sessions across all listeners.
     pub global: Arc<Counter>,
     /// The `deny_file`'s current list (swapped in by `abuse::watch_deny_file`).
-    pub deny_file: crate::abuse::SharedDenyList,
+    pub deny_file: crate::admission::abuse::SharedDenyList,
 }
 
 /// Accepts until `stop` (SIGTERM, or a reload that removed or moved this listener); the
@@ -40,9 +41,7 @@ pub(crate) async fn serve(
     shared: Arc<Shared>,
     stop: CancellationToken,
 ) {
-    let count = Arc::new(Counter::default());
-    let per_ip = Arc::new(PerIp::default());
-    let rate = Arc::new(crate::abuse::RateLimiter::default());
+    let admission = Admission::new(shared.global.clone(), shared.deny_file.clone());
     loop {
         let accepted = tokio::select! {
             () = stop.cancelled() => break,
@@ -68,16 +67,9 @@ pub(crate) async fn serve(
         runtime.counters.connection();
         let local = tcp.local_addr().unwrap_or(runtime.config.listen);
         let session_id = session::new_session_id();
-        let slots = match shared.global.try_acquire(global_max) {
-            None => Err(LimitKind::MaxConnections),
-            Some(g) => match count.try_acquire(runtime.config.limits.max_connections) {
-                None => Err(LimitKind::ListenerMaxConnections),
-                Some(l) => Ok((g, l)),
-            },
-        };
         let peer = Peer { client, local };
-        let (global, listener_slot) = match slots {
-            Ok(slots) => slots,
+        let permits = match admission.at_accept(global_max, runtime.config.limits.max_connections) {
+            Ok(permits) => permits,
             Err(which) => {
                 session::refuse_at_accept(tcp, runtime, peer, session_id, which);
                 continue;
@@ -94,11 +86,7 @@ pub(crate) async fn serve(
             peer,
             listener: runtime,
             session_id,
-            global,
-            listener_slot,
-            per_ip: per_ip.clone(),
-            rate: rate.clone(),
-            deny_file: shared.deny_file.clone(),
+            permits,
             shutdown: shared.shutdown.clone(),
         };
         shared

@@ -30,7 +30,7 @@ fn main() -> ExitCode {
     let run = !matches!(cli.command, Some(Command::Check));
     // Before the snapshot is built: the default `max_connections` follows from it. `check`
     // leaves the limit alone and shows the conservative default.
-    let nofile = run.then(smtp_tls_proxy::limits::raise_nofile);
+    let nofile = run.then(smtp_tls_proxy::admission::limits::raise_nofile);
     let acme = std::sync::Arc::new(smtp_tls_proxy::acme::AcmeManager::default());
     let loaded = snapshot::read_config(&cli.config).and_then(|c| snapshot::build(c, &acme, None));
     let snapshot = match loaded {

@@ -251,7 +251,7 @@ impl Supervisor {
         });
         let deny_watch = {
             let current = shared.current.clone();
-            tokio::spawn(crate::abuse::watch_deny_file(
+            tokio::spawn(crate::admission::abuse::watch_deny_file(
                 shared.deny_file.clone(),
                 move || current.load().config.deny_file.clone(),
             ))

@@ -31,8 +31,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::admission::Permits;
 use crate::config::Mode;
-use crate::limits::{IpSlot, PerIp, Slot};
 use crate::smtp::reply;
 
 /// What a session runs over: TCP, TLS over it, a stream with an inbound PROXY header's
@@ -61,13 +61,8 @@ pub(crate) struct Accepted {
     pub peer: Peer,
     pub listener: Arc<ListenerRuntime>,
     pub session_id: String,
-    /// Global and listener slots, taken at accept; the per-IP slot is taken here.
-    pub global: Slot,
-    pub listener_slot: Slot,
-    pub per_ip: Arc<PerIp>,
-    /// This listener's `per_ip_rate` buckets.
-    pub rate: Arc<crate::abuse::RateLimiter>,
-    pub deny_file: crate::abuse::SharedDenyList,
+    /// The connection slots taken at accept; the per-IP slot joins them at admission.
+    pub permits: Permits,
     /// Cancelled by SIGTERM: sessions still in the pre-TLS dialogue get `421 4.3.0`.
     pub shutdown: CancellationToken,
 }
@@ -76,62 +71,57 @@ pub(crate) struct Accepted {
 pub(crate) async fn run(a: Accepted) {
     let _ = a.tcp.set_nodelay(true);
     let active = Active::start(a.listener.counters.active());
-    let gate = Gate {
-        per_ip: &a.per_ip,
-        rate: &a.rate,
-        deny_file: &a.deny_file,
-    };
-    let report = serve(a.tcp, a.listener, a.peer, a.session_id, &gate, &a.shutdown).await;
-    // Slots are free (and sockets closed) before the line is out: whoever reads the log
-    // may rely on it.
-    drop((a.global, a.listener_slot, active));
+    let report = serve(
+        a.tcp,
+        a.listener,
+        a.peer,
+        a.session_id,
+        a.permits,
+        &a.shutdown,
+    )
+    .await;
+    drop(active);
     report.emit();
 }
 
-/// What admits a client: its listener's per-IP counts and rate buckets, the deny file.
-pub(crate) struct Gate<'a> {
-    pub(crate) per_ip: &'a Arc<PerIp>,
-    pub(crate) rate: &'a crate::abuse::RateLimiter,
-    pub(crate) deny_file: &'a crate::abuse::SharedDenyList,
-}
-
 /// A session over any stream, from its first byte to its report (not emitted): the phases
-/// chained, the owed reply written, the stream and the per-IP slot released.
+/// chained, the owed reply written, the stream closed and every permit given back (slots
+/// are free before the line is out: whoever reads the log may rely on it).
 pub(crate) async fn serve<S>(
     io: S,
     listener: Arc<ListenerRuntime>,
     peer: Peer,
     session_id: String,
-    gate: &Gate<'_>,
+    permits: Permits,
     shutdown: &CancellationToken,
 ) -> SessionReport
 where
     S: ClientStream,
 {
-    let session = Session::new(io, Facts::new(session_id, listener, peer));
-    let mut ip_slot = None;
-    let finished = match phases(session, gate, &mut ip_slot, shutdown).await {
+    let session = open(io, Facts::new(session_id, listener, peer), permits);
+    let finished = match phases(session, shutdown).await {
         Ok(f) | Err(f) => f,
     };
     // Boxed: the closing write's state is not part of every session's task.
-    let report = Box::pin(finished.close()).await;
-    drop(ip_slot);
+    let mut report = Box::pin(finished.close()).await;
+    report.facts.permits = None;
     report
 }
 
+/// The session before its first phase. Not async: a `Facts` built in `serve` itself would
+/// be laid out in its future beside the boxed copy (every idle session's task carries it).
+fn open<S: ClientStream>(io: S, mut facts: Facts, permits: Permits) -> Session<S> {
+    facts.permits = Some(permits);
+    Session::new(io, facts)
+}
+
 /// The phases in order; `Err` is a session that ended early.
-async fn phases<S>(
-    session: Session<S>,
-    gate: &Gate<'_>,
-    ip_slot: &mut Option<IpSlot>,
-    shutdown: &CancellationToken,
-) -> Result<Finished, Finished>
+async fn phases<S>(session: Session<S>, shutdown: &CancellationToken) -> Result<Finished, Finished>
 where
     S: ClientStream,
 {
     let session = Box::pin(session.read_proxy_header()).await?;
-    let (session, slot) = session.admit(gate)?;
-    *ip_slot = Some(slot);
+    let session = session.admit()?;
     Ok(match session.listener().config.mode {
         Mode::Implicit => Box::pin(implicit::run(session)).await?,
         Mode::Starttls => Box::pin(starttls::run(session, shutdown)).await?,

@@ -171,7 +171,7 @@ pub fn build(
     Ok(Snapshot {
         max_connections: config
             .max_connections
-            .unwrap_or_else(crate::limits::default_max_connections),
+            .unwrap_or_else(crate::admission::limits::default_max_connections),
         config,
         store,
         upstreams,

@@ -9,11 +9,11 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_rustls::server::TlsStream;
 
 use super::ClientStream;
-use super::report::{Facts, LimitKind, Outcome, Phase, SessionReport, Transport};
+use super::report::{Facts, Outcome, Phase, SessionReport, Transport};
 use super::{trusted_balancer, write_reply};
+use crate::admission::Refusal;
 use crate::config::SmugglingGuard;
 use crate::io::Prefixed;
-use crate::limits::IpSlot;
 use crate::proxy_header::inbound;
 use crate::relay::{self, RelayEnd};
 use crate::smtp::guard::GuardMode;
@@ -163,37 +163,27 @@ impl<S: ClientStream> Session<S> {
         })
     }
 
-    /// Admission, on the real client address and before any TLS work or upstream contact:
-    /// the listener's `allow`/`deny`, the deny file, `per_ip_rate`, then the per-IP slot.
-    /// A refused client on a STARTTLS listener gets `554 5.7.1` (denied) or `421 4.7.0`
-    /// (a limit) as its greeting; on an implicit listener the connection is just closed.
-    pub(crate) fn admit(self, gate: &super::Gate<'_>) -> Result<(Session<S>, IpSlot), Finished> {
-        let l = &self.facts.listener.config;
+    /// Admission, on the real client address and before any TLS work or upstream contact
+    /// (`admission::Permits::admit`). A refused client on a STARTTLS listener gets
+    /// `554 5.7.1` (denied) or `421 4.7.0` (a limit) as its greeting; on an implicit
+    /// listener the connection is just closed.
+    pub(crate) fn admit(mut self) -> Result<Session<S>, Finished> {
         let ip = self.facts.peer.client.ip();
-        let denied = crate::abuse::listener_verdict(l, ip).or_else(|| {
-            gate.deny_file
-                .load()
-                .contains(ip)
-                .then_some(crate::abuse::DenyReason::DenyFile)
-        });
-        let rate_ok = || {
-            l.limits
-                .per_ip_rate
-                .is_none_or(|r| gate.rate.allow(ip, r, std::time::Instant::now()))
+        let facts = &mut *self.facts;
+        let l = &facts.listener.config;
+        let refusal = match facts.permits.as_mut() {
+            Some(permits) => permits.admit(l, ip).err(),
+            None => None,
         };
-        let (outcome, greeting) = match denied {
-            Some(reason) => (Outcome::Denied(reason), reply::access_denied(&l.hostname)),
-            None if !rate_ok() => (
-                Outcome::Limit(LimitKind::PerIpRate),
+        let (outcome, greeting) = match refusal {
+            None => return Ok(self),
+            Some(Refusal::Denied(reason)) => {
+                (Outcome::Denied(reason), reply::access_denied(&l.hostname))
+            }
+            Some(Refusal::Limit(kind)) => (
+                Outcome::Limit(kind),
                 reply::too_many_connections(&l.hostname),
             ),
-            None => match gate.per_ip.try_acquire(ip, l.limits.per_ip) {
-                Some(slot) => return Ok((self, slot)),
-                None => (
-                    Outcome::Limit(LimitKind::PerIp),
-                    reply::too_many_connections(&l.hostname),
-                ),
-            },
         };
         let ended = match l.mode {
             crate::config::Mode::Starttls => Ended::replying(outcome, greeting),

@@ -7,6 +7,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::Peer;
+pub(crate) use crate::admission::LimitKind;
+use crate::admission::Permits;
 use crate::config::ProxyVersion;
 use crate::proxy_header::outbound::{self, ClientCertHeader, TlsHeaderFacts};
 pub(crate) use crate::relay::ClientClose;
@@ -31,7 +33,7 @@ pub(crate) enum Outcome {
     /// A limit refused the session.
     Limit(LimitKind),
     /// Refused before anything else: `allow`/`deny` or the deny file.
-    Denied(crate::abuse::DenyReason),
+    Denied(crate::admission::abuse::DenyReason),
     /// SIGTERM ended the session.
     Shutdown,
     /// The client broke the protocol badly enough to be disconnected.
@@ -57,30 +59,6 @@ impl Phase {
             Phase::Handshake => "handshake",
             Phase::Command => "command",
             Phase::Idle => "idle",
-        }
-    }
-}
-
-/// Which limit refused a session (the `reason` of `outcome=limit`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum LimitKind {
-    /// The process-wide `max_connections`.
-    MaxConnections,
-    /// The listener's `limits.max_connections`.
-    ListenerMaxConnections,
-    /// `limits.per_ip`.
-    PerIp,
-    /// `limits.per_ip_rate`.
-    PerIpRate,
-}
-
-impl LimitKind {
-    pub(crate) fn as_str(self) -> &'static str {
-        match self {
-            LimitKind::MaxConnections => "max_connections",
-            LimitKind::ListenerMaxConnections => "listener_max_connections",
-            LimitKind::PerIp => "per_ip",
-            LimitKind::PerIpRate => "per_ip_rate",
         }
     }
 }
@@ -185,6 +163,9 @@ pub(crate) struct Facts {
     pub client_close: Option<ClientClose>,
     /// What the smuggling guard did to DATA content, if anything.
     pub guard: Option<GuardAction>,
+    /// What admitted the session (its connection slots, then its per-IP slot); released
+    /// before the summary line is out.
+    pub permits: Option<Permits>,
     pub started: Instant,
 }
 
@@ -203,6 +184,7 @@ impl Facts {
             bytes_from_upstream: 0,
             client_close: None,
             guard: None,
+            permits: None,
             started: Instant::now(),
         }
     }

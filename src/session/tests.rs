@@ -13,7 +13,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::report::Phase;
 use super::{Outcome, Peer, SessionReport, serve};
-use crate::limits::PerIp;
 use crate::relay::{self, ClientClose, RelayEnd, UPSTREAM_CLOSED_LINGER};
 use crate::smtp::stream::SmtpStream;
 use crate::snapshot::{ListenerRuntime, Snapshot};
@@ -45,6 +44,13 @@ fn listener(name: &str) -> Arc<ListenerRuntime> {
     snapshot().listeners[name].clone()
 }
 
+/// Fresh permits, as an accept loop of its own would give them.
+fn permits() -> crate::admission::Permits {
+    crate::admission::Admission::new(Arc::default(), Arc::default())
+        .at_accept(10, 10)
+        .unwrap()
+}
+
 /// Starts a session on `listener` over an in-memory stream; returns the client's end and
 /// the session's report (when it ends).
 fn start(listener: Arc<ListenerRuntime>) -> (DuplexStream, tokio::task::JoinHandle<SessionReport>) {
@@ -55,20 +61,12 @@ fn start(listener: Arc<ListenerRuntime>) -> (DuplexStream, tokio::task::JoinHand
         local: "192.0.2.1:25".parse().unwrap(),
     };
     let task = tokio::spawn(async move {
-        let per_ip = Arc::new(PerIp::default());
-        let rate = crate::abuse::RateLimiter::default();
-        let deny_file = crate::abuse::SharedDenyList::default();
-        let gate = super::Gate {
-            per_ip: &per_ip,
-            rate: &rate,
-            deny_file: &deny_file,
-        };
         serve(
             server,
             listener,
             peer,
             "t".into(),
-            &gate,
+            permits(),
             &CancellationToken::new(),
         )
         .await
@@ -262,17 +260,16 @@ fn the_futures_an_idle_session_keeps_stay_small() {
         client: "192.0.2.7:40000".parse().unwrap(),
         local: "192.0.2.1:465".parse().unwrap(),
     };
-    let per_ip = Arc::new(PerIp::default());
-    let rate = crate::abuse::RateLimiter::default();
-    let deny_file = crate::abuse::SharedDenyList::default();
-    let gate = super::Gate {
-        per_ip: &per_ip,
-        rate: &rate,
-        deny_file: &deny_file,
-    };
     let shutdown = CancellationToken::new();
     let listener = listener("smtps");
-    let task = serve(server, listener.clone(), peer, "t".into(), &gate, &shutdown);
+    let task = serve(
+        server,
+        listener.clone(),
+        peer,
+        "t".into(),
+        permits(),
+        &shutdown,
+    );
     let task_size = std::mem::size_of_val(&task);
     let (_client, server) = tokio::io::duplex(1024);
     let facts = super::report::Facts::new("t".into(), listener, peer);
