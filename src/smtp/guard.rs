@@ -136,16 +136,13 @@ impl Guard {
                 _ => {}
             }
             let Some(k) = memchr::memchr2(CR, LF, &input[i..]) else {
-                if i < input.len() {
-                    self.col = Col::Mid;
-                }
+                // The line goes on into the next read: whatever comes, it is not a `.` line.
+                self.col = Col::Mid;
                 i = input.len();
                 break;
             };
+            // (Bytes before the line end make no `.` line either; only `Dot` is looked at.)
             let at = i + k;
-            if k > 0 {
-                self.col = Col::Mid;
-            }
             if input[at] == CR && input.get(at + 1) == Some(&LF) && self.col != Col::Dot {
                 // The common case, a real CRLF after an ordinary line: the run goes on.
                 i = at + 2;

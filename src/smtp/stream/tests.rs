@@ -553,3 +553,50 @@ fn data_scan_matches_the_byte_automaton() {
     assert_eq!(scan_data(&body, 2), (8003, 5));
     assert_eq!(scan_data(&body, 2), scan_bytes(&body, 2));
 }
+
+/// Random content from the bytes that matter, ending at its one terminator.
+fn random_contents(count: usize) -> Vec<Vec<u8>> {
+    let alphabet = b"\r\n.x";
+    let mut seed = 0x5eed_1234_abcd_ef01u64;
+    let mut next = move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    };
+    (0..count)
+        .map(|_| {
+            let len = (next() % 24) as usize;
+            let mut v: Vec<u8> = (0..len).map(|_| alphabet[(next() % 4) as usize]).collect();
+            v.extend_from_slice(b"\r\n.\r\n");
+            v
+        })
+        // Only contents whose first strict end of data is their last.
+        .filter(|v| scan_data(v, 2).0 == v.len())
+        .collect()
+}
+
+#[test]
+fn normalize_output_is_canonical_and_the_same_however_reads_are_cut() {
+    for input in random_contents(2000) {
+        let whole = {
+            let mut s = in_data(GuardMode::Normalize);
+            client(&mut s, &input)
+        };
+        assert!(canonical(whole.0.as_bytes()), "{input:?} -> {:?}", whole.0);
+        // The client's own CRLF.CRLF is where both end: the same count of bytes used.
+        let (end, _) = scan_data(&input, 2);
+        assert_eq!(whole.2, end, "{input:?}");
+        for cut in 1..input.len() {
+            let mut s = in_data(GuardMode::Normalize);
+            let (a, _, n1) = client(&mut s, &input[..cut]);
+            let rest = if n1 == cut {
+                &input[cut..]
+            } else {
+                &input[n1..]
+            };
+            let (b, _, _) = client(&mut s, rest);
+            assert_eq!(format!("{a}{b}"), whole.0, "{input:?} cut at {cut}");
+        }
+    }
+}
