@@ -29,7 +29,7 @@ use crate::config::AcmeSpec;
 
 mod order;
 mod store;
-use crate::metrics::{AcmeLabels, CertLabels, DomainsLabel, metrics};
+use crate::metrics::{AcmeEvent, metrics};
 use crate::tls::accept::ACME_TLS_ALPN;
 use crate::tls::cert::{self, ServedCert};
 use crate::tls::store::{ManagedCert, ManagedCerts};
@@ -171,21 +171,12 @@ impl AcmeSlot {
             cert::key_changed(name, &old, &served.tlsa(), "renewal");
         }
         self.issued.store(Some(served.clone()));
-        metrics()
-            .cert_expiry
-            .get_or_create(&CertLabels {
-                certificate: served.label.clone(),
-                origin: "acme".into(),
-            })
-            .set(served.not_after);
-        if let Some(next) = next_renewal(&served) {
-            metrics()
-                .acme_next_renewal
-                .get_or_create(&DomainsLabel {
-                    domains: self.label(),
-                })
-                .set(next as f64);
-        }
+        metrics().acme_certificate(
+            &served.label,
+            &self.label(),
+            served.not_after,
+            next_renewal(&served),
+        );
         Ok(served)
     }
 }
@@ -247,6 +238,7 @@ impl ManagedCerts for AcmeManager {
             next_tlsa: ArcSwapOption::empty(),
             startup_warning: Mutex::default(),
         });
+        metrics().acme_series(&slot.label());
         let cache = AcmeStore::new(spec);
         if let Ok(Some(pem)) = cache.read(&cache.cert_file()) {
             // Logged when its client starts (`start`): logging may not be set up yet.
@@ -329,17 +321,11 @@ fn start(slot: Arc<AcmeSlot>, provider: Arc<CryptoProvider>) -> JoinHandle<()> {
             tlsa = %c.tlsa(),
             "acme certificate loaded from cache"
         );
-        event(&slot, "deployed_cached");
+        event(&slot, AcmeEvent::DeployedCached);
     }
     tokio::spawn(order::run(slot, provider))
 }
 
-fn event(slot: &AcmeSlot, event: &str) {
-    metrics()
-        .acme_events
-        .get_or_create(&AcmeLabels {
-            domains: slot.label(),
-            event: event.to_owned(),
-        })
-        .inc();
+fn event(slot: &AcmeSlot, event: AcmeEvent) {
+    metrics().acme_event(&slot.label(), event);
 }

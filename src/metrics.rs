@@ -4,10 +4,13 @@
 //! Label values are bounded: listener/upstream/certificate names come from the config,
 //! outcomes and reasons from fixed sets, never from client input.
 //!
-//! A leaf: nothing from the crate is imported. Callers pass names, `&'static str` labels
-//! (from their enums' `as_str()`) and numbers. Per-listener handles ([`ListenerCounters`])
-//! are made when a snapshot is built, so a session bumps counters without building label
-//! strings, and those series exist at 0 from the start.
+//! A closed leaf: nothing from the crate is imported, and the families are private. Callers
+//! use a verb per metric with names, numbers and the label enums of `labels` (each fixed
+//! set of label values is an enum there, with `ALL`); callers map their own types onto
+//! them. Per-listener handles ([`ListenerCounters`]), an upstream's and an ACME entry's
+//! series are made where their runtime objects are built (`snapshot::build`, the ACME
+//! slot), with every series of their fixed label sets at 0. So a new metric touches this
+//! module (family, registration, verb, zero series) and its call site only.
 
 use std::sync::OnceLock;
 use std::sync::atomic::AtomicU64;
@@ -21,30 +24,30 @@ use prometheus_client::registry::Registry;
 mod labels;
 mod series;
 pub(crate) use labels::*;
-pub(crate) use series::{KnownLabels, ListenerCounters};
+pub(crate) use series::ListenerCounters;
 
 type F<L, M> = Family<L, M>;
 
 pub(crate) struct Metrics {
     registry: Registry,
-    pub connections: F<ListenerLabel, Counter>,
-    pub active: F<ListenerLabel, Gauge>,
-    pub sessions: F<OutcomeLabels, Counter>,
-    pub handshakes: F<HandshakeLabels, Counter>,
-    pub sni_fallbacks: F<ListenerLabel, Counter>,
-    pub client_certs: F<ClientCertLabels, Counter>,
-    pub transports: F<TransportLabels, Counter>,
-    pub pipelined_discarded: F<ListenerLabel, Counter>,
+    connections: F<ListenerLabel, Counter>,
+    active: F<ListenerLabel, Gauge>,
+    sessions: F<OutcomeLabels, Counter>,
+    handshakes: F<HandshakeLabels, Counter>,
+    sni_fallbacks: F<ListenerLabel, Counter>,
+    client_certs: F<ClientCertLabels, Counter>,
+    transports: F<TransportLabels, Counter>,
+    pipelined_discarded: F<ListenerLabel, Counter>,
     smuggling_guard: F<GuardLabels, Counter>,
-    pub bytes: F<DirectionLabels, Counter>,
-    pub upstream_failures: F<UpstreamFailureLabels, Counter>,
-    pub upstream_connect: F<UpstreamLabel, Histogram>,
-    pub upstream_up: F<UpstreamLabel, Gauge>,
-    pub reloads: F<ResultLabel, Counter>,
-    pub cert_expiry: F<CertLabels, Gauge>,
-    pub acme_events: F<AcmeLabels, Counter>,
-    pub key_changes: F<NameLabel, Counter>,
-    pub acme_next_renewal: F<DomainsLabel, Gauge<f64, AtomicU64>>,
+    bytes: F<DirectionLabels, Counter>,
+    upstream_failures: F<UpstreamFailureLabels, Counter>,
+    upstream_connect: F<UpstreamLabel, Histogram>,
+    upstream_up: F<UpstreamLabel, Gauge>,
+    reloads: F<ResultLabel, Counter>,
+    cert_expiry: F<CertLabels, Gauge>,
+    acme_events: F<AcmeLabels, Counter>,
+    key_changes: F<NameLabel, Counter>,
+    acme_next_renewal: F<DomainsLabel, Gauge<f64, AtomicU64>>,
 }
 
 fn connect_histogram() -> Histogram {
@@ -170,15 +173,56 @@ impl Metrics {
         out
     }
 
-    /// A session whose DATA content the smuggling guard changed or refused (`action`:
-    /// `normalized` or `rejected`).
-    pub(crate) fn smuggling_guard(&self, listener: &str, action: &'static str) {
+    /// A session whose DATA content the smuggling guard changed or refused.
+    pub(crate) fn smuggling_guard(&self, listener: &str, action: GuardAction) {
         self.smuggling_guard
             .get_or_create(&GuardLabels {
                 listener: listener.to_owned(),
-                action: action.to_owned(),
+                action: action.as_str().to_owned(),
             })
             .inc();
+    }
+
+    /// A greeted upstream connection and how long it took.
+    pub(crate) fn upstream_connected(&self, upstream: &str, seconds: f64) {
+        self.upstream_connect
+            .get_or_create(&UpstreamLabel {
+                upstream: upstream.to_owned(),
+            })
+            .observe(seconds);
+    }
+
+    /// An event of the ACME entry for `domains`.
+    pub(crate) fn acme_event(&self, domains: &str, event: AcmeEvent) {
+        self.acme_events
+            .get_or_create(&AcmeLabels {
+                domains: domains.to_owned(),
+                event: event.as_str().to_owned(),
+            })
+            .inc();
+    }
+
+    /// A certificate ACME serves now: its expiry, and when it renews.
+    pub(crate) fn acme_certificate(
+        &self,
+        certificate: &str,
+        domains: &str,
+        not_after: i64,
+        next_renewal: Option<i64>,
+    ) {
+        self.cert_expiry
+            .get_or_create(&CertLabels {
+                certificate: certificate.to_owned(),
+                origin: "acme".to_owned(),
+            })
+            .set(not_after);
+        if let Some(next) = next_renewal {
+            self.acme_next_renewal
+                .get_or_create(&DomainsLabel {
+                    domains: domains.to_owned(),
+                })
+                .set(next as f64);
+        }
     }
 
     /// Everything the session's summary line says that is also a metric. `transport` is
@@ -186,8 +230,8 @@ impl Metrics {
     pub(crate) fn session_ended(
         &self,
         listener: &str,
-        outcome: &'static str,
-        transport: Option<&'static str>,
+        outcome: OutcomeKind,
+        transport: Option<TransportKind>,
         pipelined_discarded: u64,
         bytes_from_client: u64,
         bytes_from_upstream: u64,
@@ -196,14 +240,14 @@ impl Metrics {
         self.sessions
             .get_or_create(&OutcomeLabels {
                 listener: listener(),
-                outcome: outcome.to_owned(),
+                outcome: outcome.as_str().to_owned(),
             })
             .inc();
         if let Some(transport) = transport {
             self.transports
                 .get_or_create(&TransportLabels {
                     listener: listener(),
-                    transport: transport.to_owned(),
+                    transport: transport.as_str().to_owned(),
                 })
                 .inc();
         }
@@ -215,49 +259,49 @@ impl Metrics {
                 .inc_by(pipelined_discarded);
         }
         for (direction, n) in [
-            ("from_client", bytes_from_client),
-            ("from_upstream", bytes_from_upstream),
+            (Direction::FromClient, bytes_from_client),
+            (Direction::FromUpstream, bytes_from_upstream),
         ] {
             if n > 0 {
                 self.bytes
                     .get_or_create(&DirectionLabels {
                         listener: listener(),
-                        direction: direction.to_owned(),
+                        direction: direction.as_str().to_owned(),
                     })
                     .inc_by(n);
             }
         }
     }
 
-    pub(crate) fn handshake(&self, listener: &str, failure: Option<&'static str>) {
+    /// A failed server handshake (`None`: an ACME validation handshake was answered,
+    /// `result="acme_challenge"`).
+    pub(crate) fn handshake_failed(&self, listener: &str, reason: Option<HandshakeReason>) {
+        let (result, reason) = match reason {
+            Some(r) => ("failed", r.as_str()),
+            None => ("acme_challenge", "acme_challenge"),
+        };
         self.handshakes
             .get_or_create(&HandshakeLabels {
                 listener: listener.to_owned(),
-                result: match failure {
-                    None => "ok",
-                    Some("acme_challenge") => "acme_challenge",
-                    Some(_) => "failed",
-                }
-                .to_owned(),
-                reason: failure.unwrap_or("").to_owned(),
-            })
-            .inc();
-    }
-
-    pub(crate) fn upstream_failure(&self, upstream: &str, reason: &'static str) {
-        self.upstream_failures
-            .get_or_create(&UpstreamFailureLabels {
-                upstream: upstream.to_owned(),
+                result: result.to_owned(),
                 reason: reason.to_owned(),
             })
             .inc();
     }
 
-    /// `result`: `ok` or `failed` (the server's `ReloadResult::as_str`).
-    pub(crate) fn reload(&self, result: &'static str) {
+    pub(crate) fn upstream_failure(&self, upstream: &str, reason: UpstreamFailure) {
+        self.upstream_failures
+            .get_or_create(&UpstreamFailureLabels {
+                upstream: upstream.to_owned(),
+                reason: reason.as_str().to_owned(),
+            })
+            .inc();
+    }
+
+    pub(crate) fn reload(&self, result: ReloadResult) {
         self.reloads
             .get_or_create(&ResultLabel {
-                result: result.to_owned(),
+                result: result.as_str().to_owned(),
             })
             .inc();
     }
@@ -271,10 +315,10 @@ impl Metrics {
     }
 
     /// Both reload results exist at 0 from the start, so `increase()` alerts work at once.
-    pub(crate) fn reload_results(&self, results: &[&'static str]) {
-        for r in results {
+    pub(crate) fn reload_results(&self) {
+        for r in ReloadResult::ALL {
             let _ = self.reloads.get_or_create(&ResultLabel {
-                result: (*r).to_owned(),
+                result: r.as_str().to_owned(),
             });
         }
     }
@@ -316,4 +360,84 @@ impl Metrics {
 pub(crate) fn metrics() -> &'static Metrics {
     static METRICS: OnceLock<Metrics> = OnceLock::new();
     METRICS.get_or_init(Metrics::new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every value of every label enum has its series at 0 once the handles of a listener,
+    /// an upstream and an ACME entry are made (and the reload results at start): a value
+    /// added to an enum cannot be forgotten in the zero series.
+    #[test]
+    fn every_label_value_has_its_series() {
+        let m = Metrics::new();
+        let _ = m.listener_counters("l", Some("request"), true);
+        m.upstream_series("u");
+        m.acme_series("d");
+        m.reload_results();
+        let text = m.encode();
+        let has = |name: &str, label: &str, value: &str| {
+            text.lines().any(|l| {
+                l.starts_with(&format!("smtp_proxy_{name}"))
+                    && l.contains(&format!("{label}=\"{value}\""))
+            })
+        };
+        let sets: [(&str, &str, Vec<&str>); 9] = [
+            (
+                "sessions",
+                "outcome",
+                OutcomeKind::ALL.iter().map(|v| v.as_str()).collect(),
+            ),
+            (
+                "sessions_by_transport",
+                "transport",
+                TransportKind::ALL.iter().map(|v| v.as_str()).collect(),
+            ),
+            (
+                "tls_handshakes",
+                "reason",
+                HandshakeReason::ALL.iter().map(|v| v.as_str()).collect(),
+            ),
+            (
+                "client_certificates",
+                "verify",
+                ClientCertVerify::ALL.iter().map(|v| v.as_str()).collect(),
+            ),
+            (
+                "upstream_connect_failures",
+                "reason",
+                UpstreamFailure::ALL.iter().map(|v| v.as_str()).collect(),
+            ),
+            (
+                "reloads",
+                "result",
+                ReloadResult::ALL.iter().map(|v| v.as_str()).collect(),
+            ),
+            (
+                "smuggling_guard_sessions",
+                "action",
+                GuardAction::ALL.iter().map(|v| v.as_str()).collect(),
+            ),
+            (
+                "acme_events",
+                "event",
+                AcmeEvent::ALL.iter().map(|v| v.as_str()).collect(),
+            ),
+            (
+                "relayed_bytes",
+                "direction",
+                Direction::ALL.iter().map(|v| v.as_str()).collect(),
+            ),
+        ];
+        for (name, label, values) in sets {
+            assert!(!values.is_empty());
+            for v in values {
+                assert!(
+                    has(name, label, v),
+                    "no {name}{{{label}=\"{v}\"}} series:\n{text}"
+                );
+            }
+        }
+    }
 }

@@ -33,7 +33,7 @@ use crate::snapshot::Snapshot;
 use crate::watch::{self, FileWatcher};
 
 mod reload;
-use reload::{Cause, ReloadResult, acme_specs, publish_series, reload};
+use reload::{Cause, acme_specs, reload};
 
 /// Listen backlog: bursts of MTAs connecting at once are normal on port 25.
 const BACKLOG: i32 = 1024;
@@ -239,7 +239,7 @@ impl Supervisor {
             bound,
             metrics: metrics_listener,
         } = start;
-        metrics().reload_results(&ReloadResult::ALL.map(ReloadResult::as_str));
+        metrics().reload_results();
         let health = Arc::new(Health::default());
         adopt(&snapshot, &health, &acme);
         let shared = Arc::new(Shared {
@@ -338,11 +338,10 @@ impl Supervisor {
 }
 
 /// What a snapshot publishes when it becomes current, at start and at every reload alike:
-/// its zero series and certificate expiry, the upstreams health follows, the ACME entries
-/// that run.
+/// its certificate expiry, the upstreams health follows, the ACME entries that run. (Its
+/// zero series were made with its metric handles, in `snapshot::build`.)
 fn adopt(snapshot: &Snapshot, health: &Arc<Health>, acme: &AcmeManager) {
     snapshot.store.publish_expiry();
-    publish_series(snapshot);
     health.sync(snapshot);
     acme.sync(&acme_specs(snapshot), &crate::tls::provider());
 }

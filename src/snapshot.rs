@@ -43,7 +43,7 @@ pub struct ListenerRuntime {
     pub tls: ListenerTls,
     pub upstream: Arc<UpstreamRuntime>,
     /// This listener's metric handles.
-    pub counters: crate::metrics::ListenerCounters,
+    pub(crate) counters: crate::metrics::ListenerCounters,
     /// What TLS resumption depends on; the session cache is kept across reloads while it
     /// stays the same.
     resumption: Resumption,
@@ -134,6 +134,7 @@ pub fn build(
             .and_then(|p| p.upstreams.get(name))
             .filter(|p| p.config.address == up.address)
             .and_then(|p| p.capabilities.load_full());
+        crate::metrics::metrics().upstream_series(name);
         upstreams.insert(
             name.clone(),
             Arc::new(UpstreamRuntime {
@@ -163,7 +164,12 @@ pub fn build(
                 config: l.clone(),
                 tls,
                 upstream,
-                counters: crate::metrics::metrics().listener_counters(name, l.client_cert.as_str()),
+                counters: crate::metrics::metrics().listener_counters(
+                    name,
+                    (l.client_cert != crate::config::ClientCertMode::None)
+                        .then(|| l.client_cert.as_str()),
+                    l.smuggling_guard != crate::config::SmugglingGuard::Off,
+                ),
                 resumption,
             }),
         );

@@ -4,6 +4,8 @@
 //! 5xx greeting (`From<UpstreamError> for session::phases::Ended`).
 
 use std::fmt;
+
+use crate::metrics::UpstreamFailure;
 use std::net::SocketAddr;
 
 use tokio::io::AsyncWriteExt;
@@ -46,19 +48,15 @@ pub(crate) enum UpstreamError {
 
 impl UpstreamError {
     /// Every `class()`, so the failure series can exist at 0 from the start.
-    pub(crate) const CLASSES: [&'static str; 6] = [
-        "resolve", "connect", "timeout", "tls", "greeting", "refused",
-    ];
-
-    /// Bounded name for the metric's `reason` label.
-    pub(crate) fn class(&self) -> &'static str {
+    /// The metric's `reason` label.
+    pub(crate) fn class(&self) -> UpstreamFailure {
         match self {
-            UpstreamError::Resolve(_) => "resolve",
-            UpstreamError::Connect(_) => "connect",
-            UpstreamError::Timeout(_) => "timeout",
-            UpstreamError::Tls(_) => "tls",
-            UpstreamError::Greeting(_) => "greeting",
-            UpstreamError::Refused(_) => "refused",
+            UpstreamError::Resolve(_) => UpstreamFailure::Resolve,
+            UpstreamError::Connect(_) => UpstreamFailure::Connect,
+            UpstreamError::Timeout(_) => UpstreamFailure::Timeout,
+            UpstreamError::Tls(_) => UpstreamFailure::Tls,
+            UpstreamError::Greeting(_) => UpstreamFailure::Greeting,
+            UpstreamError::Refused(_) => UpstreamFailure::Refused,
         }
     }
 }
@@ -88,12 +86,7 @@ pub(crate) async fn connect(
     let result = connect_uncounted(up, header).await;
     let m = crate::metrics::metrics();
     match &result {
-        Ok(_) => m
-            .upstream_connect
-            .get_or_create(&crate::metrics::UpstreamLabel {
-                upstream: up.config.name.clone(),
-            })
-            .observe(started.elapsed().as_secs_f64()),
+        Ok(_) => m.upstream_connected(&up.config.name, started.elapsed().as_secs_f64()),
         Err(e) => m.upstream_failure(&up.config.name, e.class()),
     }
     result

@@ -24,6 +24,7 @@ use rustls::crypto::CryptoProvider;
 use super::store::{AcmeStore, LOCK_REFRESH, Lock};
 use super::{AcmeSlot, event, next_renewal};
 use crate::config::AcmeSpec;
+use crate::metrics::AcmeEvent;
 use crate::tls::cert;
 use crate::tls::store::ManagedCert;
 
@@ -92,7 +93,7 @@ pub(super) async fn run(slot: Arc<AcmeSlot>, provider: Arc<CryptoProvider>) {
                     tracing::error!(domains = %slot.label(), error = %e, "acme: cannot write the store; the served certificate stays, retrying");
                 }
                 store_failing = true;
-                event(&slot, "store_error");
+                event(&slot, AcmeEvent::StoreError);
                 failures += 1;
                 tokio::time::sleep(backoff(failures)).await;
                 continue;
@@ -114,7 +115,7 @@ pub(super) async fn run(slot: Arc<AcmeSlot>, provider: Arc<CryptoProvider>) {
                 failures += 1;
                 let wait = backoff(failures);
                 tracing::warn!(domains = %slot.label(), error = %e, retry_in_s = wait.as_secs(), "acme: order failed; retrying with backoff");
-                event(&slot, "failed");
+                event(&slot, AcmeEvent::Failed);
                 if let Err(e) = store.set_retry_at(now() + wait.as_secs() as i64) {
                     store_error(&slot, &e);
                 }
@@ -130,7 +131,7 @@ fn backoff(failures: u32) -> Duration {
 
 fn store_error(slot: &AcmeSlot, e: &str) {
     tracing::error!(domains = %slot.label(), error = %e, "acme: cannot write the store");
-    event(slot, "store_error");
+    event(slot, AcmeEvent::StoreError);
 }
 
 /// Serves what the store holds when it changed since the last look: a certificate (and its
@@ -154,7 +155,7 @@ fn load_from_store(
                     tlsa = %served.tlsa(),
                     "acme certificate loaded from the store"
                 );
-                event(slot, "loaded");
+                event(slot, AcmeEvent::Loaded);
             }
             Err(e) => {
                 tracing::warn!(domains = %slot.label(), error = %e, "acme: the store holds an unusable certificate")
@@ -208,7 +209,7 @@ async fn held(
                 tracing::info!(domains = %slot.label(), directory = %slot.spec.directory, "acme: ordering a certificate")
             }
         }
-        event(slot, "ordered");
+        event(slot, AcmeEvent::Ordered);
         let result = order(slot, store, lock, account, loaded, provider).await;
         for name in &slot.spec.domains {
             let _ = store.remove(&AcmeStore::challenge_file(store.dir(), name));
@@ -308,7 +309,7 @@ async fn order(
         .poll_certificate(&POLL)
         .await
         .map_err(|e| format!("certificate: {e}"))?;
-    event(slot, "issued");
+    event(slot, AcmeEvent::Issued);
     let pem = format!("{}\n{chain}", key.serialize_pem());
     // Serve first: a full disk must not keep a fresh certificate off the wire.
     let served = slot.publish(pem.as_bytes(), provider)?;
@@ -319,7 +320,7 @@ async fn order(
         .and_then(|()| cache.write(&cache.cert_file(), pem.as_bytes()));
     if let Err(e) = stored {
         tracing::error!(domains = %slot.label(), error = %e, "acme: cannot store the certificate; the other replicas and a restart will not have it");
-        event(slot, "store_error");
+        event(slot, AcmeEvent::StoreError);
     }
     tracing::info!(
         domains = %slot.label(),
@@ -329,7 +330,7 @@ async fn order(
         tlsa = %served.tlsa(),
         "acme certificate deployed"
     );
-    event(slot, "deployed");
+    event(slot, AcmeEvent::Deployed);
     if rotated {
         announce_next_key(slot, cache, true, loaded)?;
     }

@@ -1,6 +1,129 @@
-//! The label sets of the metrics: bounded values only (config names, fixed sets).
+//! The label sets of the metrics: bounded values only (config names, fixed sets). Every
+//! fixed set is a fieldless enum here, with `ALL` and `as_str` (the label value): the
+//! callers map their own types onto these, and the zero series are made from `ALL`, so a
+//! value cannot be forgotten (`tests::every_label_value_has_its_series`).
 
 use prometheus_client::encoding::EncodeLabelSet;
+
+/// A fieldless enum of label values with `ALL` and `as_str`.
+macro_rules! label_values {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident => $label:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub(crate) enum $name {
+            $($variant),+
+        }
+
+        impl $name {
+            pub(crate) const ALL: &'static [$name] = &[$($name::$variant),+];
+
+            pub(crate) fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $label),+
+                }
+            }
+        }
+    };
+}
+
+label_values!(
+    /// How a session ended: the log line's `outcome`, the `outcome` label.
+    OutcomeKind {
+        Relayed => "relayed",
+        ClientClosed => "client_closed",
+        HandshakeFailed => "handshake_failed",
+        Timeout => "timeout",
+        UpstreamFailed => "upstream_failed",
+        Reset => "reset",
+        Limit => "limit",
+        Denied => "denied",
+        Shutdown => "shutdown",
+        ProtocolError => "protocol_error",
+        AcmeChallenge => "acme_challenge",
+    }
+);
+
+label_values!(
+    /// How a session that reached the upstream got there.
+    TransportKind {
+        Implicit => "implicit",
+        Starttls => "starttls",
+        Plaintext => "plaintext",
+    }
+);
+
+label_values!(
+    /// Why a server handshake failed (the `reason` of `result="failed"`).
+    HandshakeReason {
+        Timeout => "timeout",
+        UnrecognizedName => "unrecognized_name",
+        InvalidMessage => "invalid_message",
+        Incompatible => "incompatible",
+        AlertReceived => "alert_received",
+        ClientCertificate => "client_certificate",
+        TlsError => "tls_error",
+        Eof => "eof",
+        IoError => "io_error",
+    }
+);
+
+label_values!(
+    /// The verdict on a presented client certificate.
+    ClientCertVerify {
+        Ok => "ok",
+        NoCa => "no_ca",
+        Failed => "failed",
+    }
+);
+
+label_values!(
+    /// Why connecting the upstream failed.
+    UpstreamFailure {
+        Resolve => "resolve",
+        Connect => "connect",
+        Timeout => "timeout",
+        Tls => "tls",
+        Greeting => "greeting",
+        Refused => "refused",
+    }
+);
+
+label_values!(
+    /// How a reload ended.
+    ReloadResult {
+        Ok => "ok",
+        Failed => "failed",
+    }
+);
+
+label_values!(
+    /// What the smuggling guard did to a session's DATA.
+    GuardAction {
+        Normalized => "normalized",
+        Rejected => "rejected",
+    }
+);
+
+label_values!(
+    /// What happened to an ACME entry.
+    AcmeEvent {
+        Ordered => "ordered",
+        Issued => "issued",
+        Deployed => "deployed",
+        DeployedCached => "deployed_cached",
+        Loaded => "loaded",
+        Failed => "failed",
+        StoreError => "store_error",
+    }
+);
+
+label_values!(
+    /// Which way relayed bytes went.
+    Direction {
+        FromClient => "from_client",
+        FromUpstream => "from_upstream",
+    }
+);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct ListenerLabel {

@@ -5,27 +5,9 @@ use std::sync::Arc;
 
 use super::{Supervisor, adopt, bind_one, start_loop};
 use crate::config::{AcmeSpec, CertificateSource};
-use crate::metrics::metrics;
+use crate::metrics::{ReloadResult, metrics};
 use crate::snapshot::{self, Snapshot};
 use crate::watch;
-
-/// How a reload ended (the `result` label of `smtp_proxy_reloads_total`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum ReloadResult {
-    Ok,
-    Failed,
-}
-
-impl ReloadResult {
-    pub(super) const ALL: [ReloadResult; 2] = [ReloadResult::Ok, ReloadResult::Failed];
-
-    pub(super) fn as_str(self) -> &'static str {
-        match self {
-            ReloadResult::Ok => "ok",
-            ReloadResult::Failed => "failed",
-        }
-    }
-}
 
 /// What asked for a reload.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -116,38 +98,10 @@ pub(super) async fn reload(sup: &mut Supervisor, cause: Cause) {
     for (b, listen) in fresh {
         running.insert(b.name.clone(), start_loop(shared, stop_all, b, listen));
     }
-    metrics().reload(ReloadResult::Ok.as_str());
+    metrics().reload(ReloadResult::Ok);
     tracing::info!(config = %path.display(), cause, "reloaded");
     for w in crate::check::warnings(&shared.current.load().config) {
         tracing::warn!(warning = %w, "configuration warning");
-    }
-}
-
-/// Creates at 0 every series whose labels the snapshot and the fixed sets make known
-/// (SPEC "Observability"): here, where snapshot, session, tls and upstream all meet.
-pub(super) fn publish_series(snapshot: &Snapshot) {
-    let m = metrics();
-    for name in snapshot.upstreams.keys() {
-        m.upstream_series(name, &crate::upstream::UpstreamError::CLASSES);
-    }
-    for (name, l) in &snapshot.listeners {
-        let mode = l.config.client_cert;
-        m.listener_series(
-            name,
-            &crate::metrics::KnownLabels {
-                outcomes: &crate::session::Outcome::KINDS,
-                transports: &crate::session::report::Transport::RELAYED,
-                handshake_failures: &crate::tls::HandshakeFailure::FAILURE_CLASSES,
-                client_cert_mode: (mode != crate::config::ClientCertMode::None)
-                    .then(|| mode.as_str()),
-                client_cert_verify: &crate::tls::client_auth::ClientVerify::CLASSES,
-                guard_actions: if l.config.smuggling_guard == crate::config::SmugglingGuard::Off {
-                    &[]
-                } else {
-                    &crate::smtp::stream::GuardAction::ACTIONS
-                },
-            },
-        );
     }
 }
 
@@ -178,7 +132,7 @@ pub(super) fn acme_specs(s: &Snapshot) -> Vec<AcmeSpec> {
 }
 
 fn reload_failed(cause: &str, error: &str) {
-    metrics().reload(ReloadResult::Failed.as_str());
+    metrics().reload(ReloadResult::Failed);
     tracing::error!(
         cause,
         error,

@@ -203,7 +203,7 @@ impl<S: ClientStream> Session<S> {
         let (stream, tls) = match result {
             Ok(ok) => ok,
             Err(f) => {
-                crate::metrics::metrics().handshake(&l.config.name, Some(f.class()));
+                crate::metrics::metrics().handshake_failed(&l.config.name, f.reason());
                 let outcome = match f {
                     HandshakeFailure::Timeout => Outcome::Timeout(Phase::Handshake),
                     f @ HandshakeFailure::AcmeChallenge(_) => Outcome::AcmeChallenge(f.to_string()),

@@ -10,6 +10,7 @@ use super::Peer;
 pub(crate) use crate::admission::LimitKind;
 use crate::admission::Permits;
 use crate::config::ProxyVersion;
+use crate::metrics::{OutcomeKind, TransportKind};
 use crate::proxy_header::outbound::{self, ClientCertHeader, TlsHeaderFacts};
 pub(crate) use crate::relay::ClientClose;
 use crate::smtp::stream::GuardAction;
@@ -64,34 +65,20 @@ impl Phase {
 }
 
 impl Outcome {
-    /// Every `kind()` (the `outcome` label), so the series can exist at 0 from the start.
-    pub(crate) const KINDS: [&'static str; 11] = [
-        "relayed",
-        "client_closed",
-        "handshake_failed",
-        "timeout",
-        "upstream_failed",
-        "reset",
-        "limit",
-        "denied",
-        "shutdown",
-        "protocol_error",
-        "acme_challenge",
-    ];
-
-    pub(crate) fn kind(&self) -> &'static str {
+    /// The `outcome` field and label.
+    pub(crate) fn kind(&self) -> OutcomeKind {
         match self {
-            Outcome::Relayed => "relayed",
-            Outcome::ClientClosed => "client_closed",
-            Outcome::HandshakeFailed(_) => "handshake_failed",
-            Outcome::Timeout(_) => "timeout",
-            Outcome::UpstreamFailed(_) => "upstream_failed",
-            Outcome::Reset => "reset",
-            Outcome::Limit(_) => "limit",
-            Outcome::Denied(_) => "denied",
-            Outcome::Shutdown => "shutdown",
-            Outcome::ProtocolError(_) => "protocol_error",
-            Outcome::AcmeChallenge(_) => "acme_challenge",
+            Outcome::Relayed => OutcomeKind::Relayed,
+            Outcome::ClientClosed => OutcomeKind::ClientClosed,
+            Outcome::HandshakeFailed(_) => OutcomeKind::HandshakeFailed,
+            Outcome::Timeout(_) => OutcomeKind::Timeout,
+            Outcome::UpstreamFailed(_) => OutcomeKind::UpstreamFailed,
+            Outcome::Reset => OutcomeKind::Reset,
+            Outcome::Limit(_) => OutcomeKind::Limit,
+            Outcome::Denied(_) => OutcomeKind::Denied,
+            Outcome::Shutdown => OutcomeKind::Shutdown,
+            Outcome::ProtocolError(_) => OutcomeKind::ProtocolError,
+            Outcome::AcmeChallenge(_) => OutcomeKind::AcmeChallenge,
         }
     }
 
@@ -113,9 +100,9 @@ impl fmt::Display for Outcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let reason = self.reason();
         if reason.is_empty() {
-            f.write_str(self.kind())
+            f.write_str(self.kind().as_str())
         } else {
-            write!(f, "{}({reason})", self.kind())
+            write!(f, "{}({reason})", self.kind().as_str())
         }
     }
 }
@@ -131,8 +118,15 @@ pub(crate) enum Transport {
 }
 
 impl Transport {
-    /// The transports a session that reached the upstream can have (the metric label).
-    pub(crate) const RELAYED: [&'static str; 3] = ["implicit", "starttls", "plaintext"];
+    /// The metric label of a session that reached the upstream this way.
+    pub(crate) fn metric(self) -> Option<TransportKind> {
+        match self {
+            Transport::Implicit => Some(TransportKind::Implicit),
+            Transport::Starttls => Some(TransportKind::Starttls),
+            Transport::Plaintext => Some(TransportKind::Plaintext),
+            Transport::None => None,
+        }
+    }
 
     pub(crate) fn as_str(self) -> &'static str {
         match self {
@@ -231,8 +225,7 @@ impl SessionReport {
         m.session_ended(
             &cfg.name,
             self.outcome.kind(),
-            (f.upstream_addr.is_some() && f.transport != Transport::None)
-                .then(|| f.transport.as_str()),
+            f.transport.metric().filter(|_| f.upstream_addr.is_some()),
             f.pipelined_discarded,
             f.bytes_from_client,
             f.bytes_from_upstream,
@@ -265,7 +258,7 @@ impl SessionReport {
             client_close = f.client_close.map(ClientClose::as_str).unwrap_or(""),
             bare_lf = %f.guard.map(|g| g.to_string()).unwrap_or_default(),
             duration_ms = f.started.elapsed().as_millis() as u64,
-            outcome = self.outcome.kind(),
+            outcome = self.outcome.kind().as_str(),
             reason = %self.outcome.reason(),
             "session"
         );

@@ -145,13 +145,11 @@ pub(crate) enum GuardAction {
 }
 
 impl GuardAction {
-    /// The metric's `action` labels.
-    pub(crate) const ACTIONS: [&'static str; 2] = ["normalized", "rejected"];
-
-    pub(crate) fn action(self) -> &'static str {
+    /// The metric's `action` label.
+    pub(crate) fn action(self) -> crate::metrics::GuardAction {
         match self {
-            GuardAction::Normalized(_) => "normalized",
-            GuardAction::Rejected => "rejected",
+            GuardAction::Normalized(_) => crate::metrics::GuardAction::Normalized,
+            GuardAction::Rejected => crate::metrics::GuardAction::Rejected,
         }
     }
 }

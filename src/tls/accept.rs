@@ -3,6 +3,8 @@
 //! listener's `handshake_timeout`, and collect the facts for logs and the PROXY header.
 
 use std::fmt;
+
+use crate::metrics::HandshakeReason;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -46,9 +48,9 @@ pub(crate) enum HandshakeFailure {
     Timeout,
     /// `unknown_sni: reject` and this SNI names nothing we serve.
     UnrecognizedName(String),
-    /// rustls or the socket reported this; `class` is a bounded name for metrics.
+    /// rustls or the socket reported this; `class` is the metric's bounded reason.
     Tls {
-        class: &'static str,
+        class: HandshakeReason,
         reason: String,
     },
     /// An ACME tls-alpn-01 validation handshake was answered (with its error, if any).
@@ -56,27 +58,13 @@ pub(crate) enum HandshakeFailure {
 }
 
 impl HandshakeFailure {
-    /// A short, bounded name: the `reason` label of the handshake metric.
-    /// Every value `class` gives for a failed handshake (the `reason` label), so the series
-    /// can exist at 0 from the start.
-    pub(crate) const FAILURE_CLASSES: [&'static str; 9] = [
-        "timeout",
-        "unrecognized_name",
-        "invalid_message",
-        "incompatible",
-        "alert_received",
-        "client_certificate",
-        "tls_error",
-        "eof",
-        "io_error",
-    ];
-
-    pub(crate) fn class(&self) -> &'static str {
+    /// The `reason` label of a failed handshake; `None` for an answered ACME validation.
+    pub(crate) fn reason(&self) -> Option<HandshakeReason> {
         match self {
-            HandshakeFailure::Timeout => "timeout",
-            HandshakeFailure::UnrecognizedName(_) => "unrecognized_name",
-            HandshakeFailure::Tls { class, .. } => class,
-            HandshakeFailure::AcmeChallenge(_) => "acme_challenge",
+            HandshakeFailure::Timeout => Some(HandshakeReason::Timeout),
+            HandshakeFailure::UnrecognizedName(_) => Some(HandshakeReason::UnrecognizedName),
+            HandshakeFailure::Tls { class, .. } => Some(*class),
+            HandshakeFailure::AcmeChallenge(_) => None,
         }
     }
 }
@@ -200,17 +188,21 @@ fn failure(e: &std::io::Error) -> HandshakeFailure {
         .get_ref()
         .and_then(|inner| inner.downcast_ref::<rustls::Error>());
     let class = match tls {
-        Some(E::InvalidMessage(_) | E::InappropriateHandshakeMessage { .. }) => "invalid_message",
-        Some(E::InappropriateMessage { .. }) => "invalid_message",
-        Some(E::PeerIncompatible(_)) => "incompatible",
-        Some(E::AlertReceived(_)) => "alert_received",
-        Some(E::NoCertificatesPresented | E::InvalidCertificate(_)) => "client_certificate",
-        Some(_) => "tls_error",
+        Some(E::InvalidMessage(_) | E::InappropriateHandshakeMessage { .. }) => {
+            HandshakeReason::InvalidMessage
+        }
+        Some(E::InappropriateMessage { .. }) => HandshakeReason::InvalidMessage,
+        Some(E::PeerIncompatible(_)) => HandshakeReason::Incompatible,
+        Some(E::AlertReceived(_)) => HandshakeReason::AlertReceived,
+        Some(E::NoCertificatesPresented | E::InvalidCertificate(_)) => {
+            HandshakeReason::ClientCertificate
+        }
+        Some(_) => HandshakeReason::TlsError,
         None => match e.kind() {
             std::io::ErrorKind::UnexpectedEof
             | std::io::ErrorKind::ConnectionReset
-            | std::io::ErrorKind::BrokenPipe => "eof",
-            _ => "io_error",
+            | std::io::ErrorKind::BrokenPipe => HandshakeReason::Eof,
+            _ => HandshakeReason::IoError,
         },
     };
     HandshakeFailure::Tls {

@@ -116,14 +116,12 @@ pub(crate) enum ClientVerify {
 }
 
 impl ClientVerify {
-    pub(crate) const CLASSES: [&'static str; 3] = ["ok", "no_ca", "failed"];
-
-    /// The bounded class: `ok`, `no_ca` or `failed` (metric label).
-    pub(crate) fn class(&self) -> &'static str {
+    /// The metric label: `ok`, `no_ca` or `failed`.
+    pub(crate) fn class(&self) -> crate::metrics::ClientCertVerify {
         match self {
-            ClientVerify::Ok => "ok",
-            ClientVerify::NoCa => "no_ca",
-            ClientVerify::Failed(_) => "failed",
+            ClientVerify::Ok => crate::metrics::ClientCertVerify::Ok,
+            ClientVerify::NoCa => crate::metrics::ClientCertVerify::NoCa,
+            ClientVerify::Failed(_) => crate::metrics::ClientCertVerify::Failed,
         }
     }
 
