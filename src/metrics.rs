@@ -39,6 +39,7 @@ pub(crate) struct Metrics {
     transports: F<TransportLabels, Counter>,
     pipelined_discarded: F<ListenerLabel, Counter>,
     smuggling_guard: F<GuardLabels, Counter>,
+    follower_refusals: F<RefusalLabels, Counter>,
     bytes: F<DirectionLabels, Counter>,
     upstream_failures: F<UpstreamFailureLabels, Counter>,
     upstream_connect: F<UpstreamLabel, Histogram>,
@@ -68,6 +69,7 @@ impl Metrics {
             transports: F::default(),
             pipelined_discarded: F::default(),
             smuggling_guard: F::default(),
+            follower_refusals: F::default(),
             bytes: F::default(),
             upstream_failures: F::default(),
             upstream_connect: F::new_with_constructor(connect_histogram),
@@ -125,6 +127,11 @@ impl Metrics {
             "Sessions whose DATA held bare CR/LF line endings, by the guard's action",
             m.smuggling_guard.clone(),
         );
+        r.register(
+            "follower_refusals",
+            "Commands the proxy answered itself after the hand-off, never relayed",
+            m.follower_refusals.clone(),
+        );
         r.register("relayed_bytes", "Bytes by direction", m.bytes.clone());
         r.register(
             "upstream_connect_failures",
@@ -181,6 +188,16 @@ impl Metrics {
                 action: action.as_str().to_owned(),
             })
             .inc();
+    }
+
+    /// `n` commands of one kind the follower answered itself in a session.
+    pub(crate) fn follower_refusals(&self, listener: &str, kind: FollowerRefusal, n: u64) {
+        self.follower_refusals
+            .get_or_create(&RefusalLabels {
+                listener: listener.to_owned(),
+                command: kind.as_str().to_owned(),
+            })
+            .inc_by(n);
     }
 
     /// A greeted upstream connection and how long it took.
@@ -383,7 +400,12 @@ mod tests {
                     && l.contains(&format!("{label}=\"{value}\""))
             })
         };
-        let sets: [(&str, &str, Vec<&str>); 9] = [
+        let sets: [(&str, &str, Vec<&str>); 10] = [
+            (
+                "follower_refusals",
+                "command",
+                FollowerRefusal::ALL.iter().map(|v| v.as_str()).collect(),
+            ),
             (
                 "sessions",
                 "outcome",

@@ -118,6 +118,18 @@ label_values!(
 );
 
 label_values!(
+    /// What the follower answered itself after the hand-off (never relayed).
+    FollowerRefusal {
+        Starttls => "starttls",
+        Auth => "auth",
+        ProxyExtension => "xclient_xforward",
+        BadCharacter => "bad_character",
+        BdatSyntax => "bdat_syntax",
+        LineTooLong => "line_too_long",
+    }
+);
+
+label_values!(
     /// Which way relayed bytes went.
     Direction {
         FromClient => "from_client",
@@ -160,6 +172,12 @@ pub(crate) struct TransportLabels {
 pub(crate) struct GuardLabels {
     pub listener: String,
     pub action: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RefusalLabels {
+    pub listener: String,
+    pub command: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

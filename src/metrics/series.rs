@@ -47,6 +47,12 @@ impl Metrics {
                 });
             }
         }
+        for c in FollowerRefusal::ALL {
+            let _ = self.follower_refusals.get_or_create(&RefusalLabels {
+                listener: l(),
+                command: c.as_str().to_owned(),
+            });
+        }
         for r in HandshakeReason::ALL {
             let _ = self.handshakes.get_or_create(&HandshakeLabels {
                 listener: l(),

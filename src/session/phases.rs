@@ -276,6 +276,9 @@ impl<S: ClientStream> Session<S> {
             hostname,
         )
         .await;
+        for (kind, n) in smtp.refusals() {
+            crate::metrics::metrics().follower_refusals(&cfg.name, kind, n);
+        }
         let f = &mut self.facts;
         f.bytes_from_client += r.bytes_from_client;
         f.bytes_from_upstream += r.bytes_from_upstream;

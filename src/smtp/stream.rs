@@ -14,6 +14,7 @@ use super::command::{self, Reading, Verb};
 use super::ehlo::strip_keywords;
 use super::guard::{Bare, Guard, GuardMode};
 use super::reply::{ReplyError, parse_reply};
+use crate::metrics::FollowerRefusal;
 
 /// A command line longer than this is classified by its first bytes (its verb) and, when
 /// it is relayed at all, forwarded as it streams.
@@ -176,6 +177,8 @@ pub(crate) struct SmtpStream {
     guard: Guard,
     /// Set when `reject` trips, taken once by the relay, which then closes the upstream.
     abort_upstream: bool,
+    /// Commands answered here, by kind (in `FollowerRefusal::ALL` order).
+    refused: [u64; FollowerRefusal::ALL.len()],
 }
 
 impl Default for SmtpStream {
@@ -195,6 +198,7 @@ impl SmtpStream {
             expects: VecDeque::new(),
             guard: Guard::new(guard),
             abort_upstream: false,
+            refused: [0; FollowerRefusal::ALL.len()],
         }
     }
 
@@ -414,7 +418,15 @@ impl SmtpStream {
                     self.state = State::Bdat(size);
                 }
             }
-            Action::Refuse(reply) => self.expects.push_back(Expect::Local(reply)),
+            Action::Refuse(reply) => {
+                if let Some(i) = FollowerRefusal::ALL
+                    .iter()
+                    .position(|k| *k == refusal(reply))
+                {
+                    self.refused[i] += 1;
+                }
+                self.expects.push_back(Expect::Local(reply));
+            }
         }
     }
 
@@ -472,6 +484,29 @@ impl SmtpStream {
             self.expects.pop_front();
             to_client.extend_from_slice(ours);
         }
+    }
+}
+
+/// The commands answered here, by kind, over the session (kinds never seen left out).
+impl SmtpStream {
+    pub(crate) fn refusals(&self) -> impl Iterator<Item = (FollowerRefusal, u64)> + '_ {
+        FollowerRefusal::ALL
+            .iter()
+            .zip(self.refused)
+            .filter(|(_, n)| *n > 0)
+            .map(|(k, n)| (*k, n))
+    }
+}
+
+/// Which kind of refusal a reply of ours is.
+fn refusal(reply: &'static [u8]) -> FollowerRefusal {
+    match reply {
+        r if r == STARTTLS_IN_TLS || r == STARTTLS_AFTER_HANDOFF => FollowerRefusal::Starttls,
+        r if r == AUTH_IN_PLAINTEXT => FollowerRefusal::Auth,
+        r if r == NOT_AUTHORIZED => FollowerRefusal::ProxyExtension,
+        r if r == BAD_CHAR => FollowerRefusal::BadCharacter,
+        r if r == BDAT_SYNTAX => FollowerRefusal::BdatSyntax,
+        _ => FollowerRefusal::LineTooLong,
     }
 }
 

@@ -352,7 +352,7 @@ async fn the_guard_protects_a_client_postfix_exempts_from_its_own_check() {
 async fn after_a_plaintext_hand_off_auth_xclient_xforward_never_reach_postfix() {
     // HF-1: the hand-off at MAIL, then RSET, EHLO, AUTH PLAIN with valid credentials.
     let rig = rig(None, "");
-    let (mut smtp, ip, _) = rig.open(Via::Plaintext).await;
+    let (mut smtp, ip, me) = rig.open(Via::Plaintext).await;
     assert!(
         smtp.cmd("MAIL FROM:<a@client.test>")
             .await
@@ -400,6 +400,17 @@ async fn after_a_plaintext_hand_off_auth_xclient_xforward_never_reach_postfix() 
     assert_eq!(counter(&disconnect, "xclient"), None, "{disconnect}");
     assert_eq!(counter(&disconnect, "xforward"), None, "{disconnect}");
     assert!(!rig.pf.log().contains("sasl_method"), "{}", rig.pf.log());
+    // Counted when the session ends.
+    rig.proxy.session_line(me).await;
+    let scrape = Scrape::get(rig.proxy.metrics_addr()).await;
+    let refused = |command| {
+        scrape.value(
+            "smtp_proxy_follower_refusals_total",
+            &[("listener", "smtp"), ("command", command)],
+        )
+    };
+    assert_eq!(refused("auth"), 2.0);
+    assert_eq!(refused("xclient_xforward"), 2.0);
 
     // Inside TLS, AUTH is the MTA's: the same credentials work (XCLIENT still refused).
     for via in [Via::Starttls, Via::Implicit] {

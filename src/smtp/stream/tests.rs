@@ -186,6 +186,12 @@ fn after_a_plaintext_hand_off_auth_xclient_xforward_are_refused() {
         b"AUTH PLAIN AGFAYg==\r\nauth\tlogin\r\nXCLIENT ADDR=1.2.3.4\r\nXFORWARD NAME=x\r\nSTARTTLS\r\n",
     );
     assert_eq!(up, "");
+    let refused: Vec<_> = s.refusals().map(|(k, n)| (k.as_str(), n)).collect();
+    assert_eq!(
+        refused,
+        [("starttls", 1), ("auth", 2), ("xclient_xforward", 2)],
+        "counted by kind for the metric"
+    );
     assert_eq!(
         cl,
         "538 5.7.11 Encryption required for requested authentication mechanism\r\n\
