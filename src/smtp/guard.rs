@@ -52,8 +52,6 @@ pub(crate) struct Guard {
     /// The first bare CR or LF the client sent in this session's DATA (`reject`: nothing
     /// more is written).
     tripped: Option<Bare>,
-    /// Bare line endings seen over the session.
-    pub(crate) bare: u64,
     /// Bytes inserted into the content for the MTA, over the session.
     pub(crate) inserted: u64,
 }
@@ -85,7 +83,6 @@ impl Guard {
             col: Col::Start,
             cr: false,
             tripped: None,
-            bare: 0,
             inserted: 0,
         }
     }
@@ -177,7 +174,6 @@ impl Guard {
     fn line_end(&mut self, ending: Ending, out: &mut Vec<u8>) -> bool {
         let real = ending == Ending::Crlf;
         if !real {
-            self.bare += 1;
             self.tripped.get_or_insert(if ending == Ending::BareCr {
                 Bare::Cr
             } else {

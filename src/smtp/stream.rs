@@ -232,7 +232,8 @@ impl SmtpStream {
     pub(crate) fn guard_action(&self) -> Option<GuardAction> {
         match self.guard.mode() {
             GuardMode::Reject if self.guard.tripped().is_some() => Some(GuardAction::Rejected),
-            GuardMode::Normalize if self.guard.bare > 0 || self.guard.inserted > 0 => {
+            // Every bare line ending inserts a byte, so this is "any bare line ending".
+            GuardMode::Normalize if self.guard.inserted > 0 => {
                 Some(GuardAction::Normalized(self.guard.inserted))
             }
             _ => None,

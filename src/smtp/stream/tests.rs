@@ -606,3 +606,11 @@ fn normalize_output_is_canonical_and_the_same_however_reads_are_cut() {
         }
     }
 }
+
+#[test]
+fn the_guard_action_reads_as_the_log_field_and_the_metric_label() {
+    assert_eq!(GuardAction::Normalized(3).to_string(), "normalized:3");
+    assert_eq!(GuardAction::Rejected.to_string(), "rejected");
+    assert_eq!(GuardAction::Normalized(3).action().as_str(), "normalized");
+    assert_eq!(GuardAction::Rejected.action().as_str(), "rejected");
+}
