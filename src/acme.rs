@@ -228,7 +228,7 @@ impl ManagedCerts for AcmeManager {
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
             .with_no_client_auth()
-            .with_cert_resolver(answers.clone());
+            .with_cert_resolver(answers);
         challenge.alpn_protocols = vec![ACME_TLS_ALPN.to_vec()];
         let slot = Arc::new(AcmeSlot {
             spec: spec.clone(),

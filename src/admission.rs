@@ -33,10 +33,10 @@ pub(crate) enum LimitKind {
 impl LimitKind {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
-            LimitKind::MaxConnections => "max_connections",
-            LimitKind::ListenerMaxConnections => "listener_max_connections",
-            LimitKind::PerIp => "per_ip",
-            LimitKind::PerIpRate => "per_ip_rate",
+            Self::MaxConnections => "max_connections",
+            Self::ListenerMaxConnections => "listener_max_connections",
+            Self::PerIp => "per_ip",
+            Self::PerIpRate => "per_ip_rate",
         }
     }
 }
@@ -60,8 +60,8 @@ pub(crate) struct Admission {
 
 impl Admission {
     /// `global` counts sessions across every listener; `deny_file` is the shared list.
-    pub(crate) fn new(global: Arc<Counter>, deny_file: SharedDenyList) -> Arc<Admission> {
-        Arc::new(Admission {
+    pub(crate) fn new(global: Arc<Counter>, deny_file: SharedDenyList) -> Arc<Self> {
+        Arc::new(Self {
             global,
             listener: Arc::default(),
             per_ip: Arc::default(),

@@ -34,7 +34,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     pub fn new(file: &Path, key: impl Into<String>, reason: impl Into<String>) -> Self {
-        ConfigError {
+        Self {
             source: file.display().to_string(),
             key: key.into(),
             reason: reason.into(),

@@ -18,7 +18,7 @@ pub(crate) struct Prefixed<S> {
 
 impl<S> Prefixed<S> {
     pub(crate) fn new(inner: S, prefix: Vec<u8>) -> Self {
-        Prefixed {
+        Self {
             prefix,
             pos: 0,
             inner,

@@ -57,9 +57,9 @@ fn connect_histogram() -> Histogram {
 }
 
 impl Metrics {
-    fn new() -> Metrics {
+    fn new() -> Self {
         let mut registry = Registry::with_prefix("smtp_proxy");
-        let m = Metrics {
+        let m = Self {
             connections: F::default(),
             active: F::default(),
             sessions: F::default(),
@@ -169,7 +169,7 @@ impl Metrics {
             "When ACME renews next (Unix time), per domain list",
             m.acme_next_renewal.clone(),
         );
-        Metrics { registry, ..m }
+        Self { registry, ..m }
     }
 
     /// The OpenMetrics text exposition.

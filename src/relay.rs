@@ -96,8 +96,8 @@ pub(crate) enum ClientClose {
 impl ClientClose {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
-            ClientClose::Clean => "clean",
-            ClientClose::Truncated => "truncated",
+            Self::Clean => "clean",
+            Self::Truncated => "truncated",
         }
     }
 }

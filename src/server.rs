@@ -48,14 +48,14 @@ pub struct Bound {
 /// What drives `run` from outside: a future that completes when the proxy must stop, and
 /// reload requests.
 pub struct Triggers {
-    pub shutdown: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>,
+    pub shutdown: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
     pub reload: mpsc::UnboundedReceiver<()>,
 }
 
 impl Triggers {
     /// SIGTERM or SIGINT stop, SIGHUP reloads. Registered before binding: SIGHUP's
     /// default action would kill us.
-    pub fn from_signals() -> io::Result<Triggers> {
+    pub fn from_signals() -> io::Result<Self> {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         let mut hup: Signal = signal(SignalKind::hangup())?;
@@ -73,7 +73,7 @@ impl Triggers {
                 _ = int.recv() => {}
             }
         });
-        Ok(Triggers { shutdown, reload })
+        Ok(Self { shutdown, reload })
     }
 }
 
@@ -87,10 +87,10 @@ pub struct Start {
 
 impl Start {
     /// Binds every listener and the metrics address; the error names the key.
-    pub fn bind(acme: Arc<AcmeManager>, snapshot: Snapshot) -> Result<Start, String> {
+    pub fn bind(acme: Arc<AcmeManager>, snapshot: Snapshot) -> Result<Self, String> {
         let bound = bind_all(&snapshot)?;
         let metrics = bind_metrics(&snapshot)?;
-        Ok(Start {
+        Ok(Self {
             acme,
             snapshot,
             bound,
@@ -232,7 +232,7 @@ pub(crate) struct Supervisor {
 impl Supervisor {
     /// Adopts the first snapshot, starts the accept loops, the watcher, the deny-file
     /// watch and the status server. Returns the watcher's change events.
-    fn start(start: Start) -> (Supervisor, mpsc::UnboundedReceiver<()>) {
+    fn start(start: Start) -> (Self, mpsc::UnboundedReceiver<()>) {
         let Start {
             acme,
             snapshot,
@@ -287,7 +287,7 @@ impl Supervisor {
                 http_stop.clone(),
             ));
         }
-        let supervisor = Supervisor {
+        let supervisor = Self {
             shared,
             health,
             acme,

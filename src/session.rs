@@ -178,9 +178,9 @@ pub(crate) async fn write_reply<W: AsyncWrite + Unpin + ?Sized>(
 struct Active(prometheus_client::metrics::gauge::Gauge);
 
 impl Active {
-    fn start(gauge: &prometheus_client::metrics::gauge::Gauge) -> Active {
+    fn start(gauge: &prometheus_client::metrics::gauge::Gauge) -> Self {
         gauge.inc();
-        Active(gauge.clone())
+        Self(gauge.clone())
     }
 }
 

@@ -166,8 +166,7 @@ pub fn build(
                 upstream,
                 counters: crate::metrics::metrics().listener_counters(
                     name,
-                    (l.client_cert != crate::config::ClientCertMode::None)
-                        .then(|| l.client_cert.as_str()),
+                    (l.client_cert != ClientCertMode::None).then(|| l.client_cert.as_str()),
                     l.smuggling_guard != crate::config::SmugglingGuard::Off,
                 ),
                 resumption,

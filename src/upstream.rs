@@ -51,12 +51,12 @@ impl UpstreamError {
     /// The metric's `reason` label.
     pub(crate) fn class(&self) -> UpstreamFailure {
         match self {
-            UpstreamError::Resolve(_) => UpstreamFailure::Resolve,
-            UpstreamError::Connect(_) => UpstreamFailure::Connect,
-            UpstreamError::Timeout(_) => UpstreamFailure::Timeout,
-            UpstreamError::Tls(_) => UpstreamFailure::Tls,
-            UpstreamError::Greeting(_) => UpstreamFailure::Greeting,
-            UpstreamError::Refused(_) => UpstreamFailure::Refused,
+            Self::Resolve(_) => UpstreamFailure::Resolve,
+            Self::Connect(_) => UpstreamFailure::Connect,
+            Self::Timeout(_) => UpstreamFailure::Timeout,
+            Self::Tls(_) => UpstreamFailure::Tls,
+            Self::Greeting(_) => UpstreamFailure::Greeting,
+            Self::Refused(_) => UpstreamFailure::Refused,
         }
     }
 }
@@ -64,12 +64,12 @@ impl UpstreamError {
 impl fmt::Display for UpstreamError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            UpstreamError::Resolve(e) => write!(f, "resolve: {e}"),
-            UpstreamError::Connect(e) => write!(f, "connect: {e}"),
-            UpstreamError::Timeout(phase) => write!(f, "timeout during {phase}"),
-            UpstreamError::Tls(e) => write!(f, "tls: {e}"),
-            UpstreamError::Greeting(e) => write!(f, "greeting: {e}"),
-            UpstreamError::Refused(g) => {
+            Self::Resolve(e) => write!(f, "resolve: {e}"),
+            Self::Connect(e) => write!(f, "connect: {e}"),
+            Self::Timeout(phase) => write!(f, "timeout during {phase}"),
+            Self::Tls(e) => write!(f, "tls: {e}"),
+            Self::Greeting(e) => write!(f, "greeting: {e}"),
+            Self::Refused(g) => {
                 write!(f, "refused: {}", String::from_utf8_lossy(g).trim_end())
             }
         }

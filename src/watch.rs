@@ -52,7 +52,7 @@ impl Drop for FileWatcher {
 
 impl FileWatcher {
     /// Starts the watcher; each relevant burst sends one `()`. Needs a tokio runtime.
-    pub(crate) fn start(tx: UnboundedSender<()>) -> notify::Result<FileWatcher> {
+    pub(crate) fn start(tx: UnboundedSender<()>) -> notify::Result<Self> {
         let files: Arc<Mutex<HashSet<PathBuf>>> = Arc::default();
         let ours = files.clone();
         // A flag, not a queue: an event storm cannot grow memory.
@@ -86,7 +86,7 @@ impl FileWatcher {
                 }
             }
         });
-        Ok(FileWatcher {
+        Ok(Self {
             watcher,
             dirs: HashSet::new(),
             files,
@@ -150,9 +150,9 @@ pub(crate) struct Stamp {
 }
 
 impl Stamp {
-    fn of(path: &Path) -> Option<Stamp> {
+    fn of(path: &Path) -> Option<Self> {
         let m = std::fs::metadata(path).ok()?;
-        Some(Stamp {
+        Some(Self {
             dev: m.dev(),
             ino: m.ino(),
             size: m.size(),
@@ -165,8 +165,8 @@ impl Stamp {
 
 impl FileStamps {
     /// Stamps `files` now (absolute paths, as [`files_of`] gives them).
-    pub fn read(files: impl IntoIterator<Item = PathBuf>) -> FileStamps {
-        FileStamps(
+    pub fn read(files: impl IntoIterator<Item = PathBuf>) -> Self {
+        Self(
             files
                 .into_iter()
                 .map(|f| {
@@ -179,7 +179,7 @@ impl FileStamps {
 
     /// Adds the files of `other` that are not stamped yet (stamps already taken win:
     /// they were taken before the read).
-    pub fn extend(&mut self, other: FileStamps) {
+    pub fn extend(&mut self, other: Self) {
         for (f, s) in other.0 {
             self.0.entry(f).or_insert(s);
         }

@@ -158,7 +158,7 @@ fn load_from_store(
                 event(slot, AcmeEvent::Loaded);
             }
             Err(e) => {
-                tracing::warn!(domains = %slot.label(), error = %e, "acme: the store holds an unusable certificate")
+                tracing::warn!(domains = %slot.label(), error = %e, "acme: the store holds an unusable certificate");
             }
         }
         loaded.cert = Some(pem);
@@ -203,10 +203,10 @@ async fn held(
         }
         match slot.issued() {
             Some(c) => {
-                tracing::info!(domains = %slot.label(), certificate = %c.label, "acme: renewing the certificate")
+                tracing::info!(domains = %slot.label(), certificate = %c.label, "acme: renewing the certificate");
             }
             None => {
-                tracing::info!(domains = %slot.label(), directory = %slot.spec.directory, "acme: ordering a certificate")
+                tracing::info!(domains = %slot.label(), directory = %slot.spec.directory, "acme: ordering a certificate");
             }
         }
         event(slot, AcmeEvent::Ordered);
@@ -413,7 +413,7 @@ async fn open_account(
                     .map_err(|e| format!("account: {e}"));
             }
             Err(e) => {
-                tracing::warn!(account = %path.display(), error = %e, "acme: the cached account is unusable; creating a new one")
+                tracing::warn!(account = %path.display(), error = %e, "acme: the cached account is unusable; creating a new one");
             }
         }
     }

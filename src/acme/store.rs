@@ -50,7 +50,7 @@ pub(crate) struct AcmeStore {
 
 impl AcmeStore {
     pub(crate) fn new(spec: &AcmeSpec) -> Self {
-        AcmeStore {
+        Self {
             dir: spec.cache.clone(),
             entry: hash(&spec.domains, &spec.directory),
             account: hash(&spec.contact, &spec.directory),

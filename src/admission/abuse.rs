@@ -43,7 +43,7 @@ fn range(net: &IpNet) -> (u128, u128) {
 pub(crate) struct DenyList(Vec<(u128, u128)>);
 
 impl DenyList {
-    pub(crate) fn new(nets: impl IntoIterator<Item = IpNet>) -> DenyList {
+    pub(crate) fn new(nets: impl IntoIterator<Item = IpNet>) -> Self {
         let mut ranges: Vec<(u128, u128)> = nets.into_iter().map(|n| range(&n)).collect();
         ranges.sort_unstable();
         let mut merged: Vec<(u128, u128)> = Vec::with_capacity(ranges.len());
@@ -53,7 +53,7 @@ impl DenyList {
                 _ => merged.push((lo, hi)),
             }
         }
-        DenyList(merged)
+        Self(merged)
     }
 
     pub(crate) fn contains(&self, ip: IpAddr) -> bool {
@@ -102,9 +102,9 @@ pub(crate) enum DenyReason {
 impl DenyReason {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
-            DenyReason::NotAllowed => "not_allowed",
-            DenyReason::ListenerDeny => "listener_deny",
-            DenyReason::DenyFile => "deny_file",
+            Self::NotAllowed => "not_allowed",
+            Self::ListenerDeny => "listener_deny",
+            Self::DenyFile => "deny_file",
         }
     }
 }

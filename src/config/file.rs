@@ -226,9 +226,9 @@ impl ClientCertMode {
     /// As written in proxy.yaml (log fields, metric labels).
     pub fn as_str(self) -> &'static str {
         match self {
-            ClientCertMode::None => "none",
-            ClientCertMode::Request => "request",
-            ClientCertMode::Require => "require",
+            Self::None => "none",
+            Self::Request => "request",
+            Self::Require => "require",
         }
     }
 }
@@ -250,7 +250,7 @@ pub struct LimitsFile {
 
 impl Default for LimitsFile {
     fn default() -> Self {
-        LimitsFile {
+        Self {
             max_connections: 10_000,
             per_ip: 50,
             handshake_timeout: Duration::from_secs(10),

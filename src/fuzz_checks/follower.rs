@@ -311,7 +311,7 @@ mod tests {
     fn the_model_finds_the_smuggling_when_the_guard_is_off() {
         let smuggle = b"MAIL FROM:<a@b>\r\nDATA\r\nhi\n.\nMAIL FROM:<f@e>\r\n\r\n.\r\nNOOP\r\n";
         let off = std::panic::catch_unwind(|| {
-            super::run(smuggle, 0, super::Path::Tls, super::GuardMode::Off)
+            super::run(smuggle, 0, super::Path::Tls, super::GuardMode::Off);
         });
         assert!(off.is_err(), "the model must catch a desync");
         super::run(smuggle, 0, super::Path::Tls, super::GuardMode::Normalize);

@@ -363,7 +363,7 @@ mod tests {
         let good =
             outbound::encode_v2(addr("192.0.2.7:40000"), addr("198.51.100.1:25"), "id", None);
         assert!(matches!(parse(&good), Parsed::Done { .. }));
-        let mut bad = good.clone();
+        let mut bad = good;
         let last = bad.len() - 1; // the CRC32C TLV comes last in our encoder
         bad[last] ^= 0xff;
         assert!(invalid(&bad).contains("CRC32C"));

@@ -21,8 +21,8 @@ pub(super) enum Cause {
 impl Cause {
     fn as_str(self) -> &'static str {
         match self {
-            Cause::Sighup => "SIGHUP",
-            Cause::FileChange => "file change",
+            Self::Sighup => "SIGHUP",
+            Self::FileChange => "file change",
         }
     }
 }

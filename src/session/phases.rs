@@ -52,15 +52,15 @@ pub(crate) struct Ended {
 }
 
 impl Ended {
-    pub(crate) fn silent(outcome: Outcome) -> Ended {
-        Ended {
+    pub(crate) fn silent(outcome: Outcome) -> Self {
+        Self {
             outcome,
             owed: None,
         }
     }
 
-    pub(crate) fn replying(outcome: Outcome, reply: Vec<u8>) -> Ended {
-        Ended {
+    pub(crate) fn replying(outcome: Outcome, reply: Vec<u8>) -> Self {
+        Self {
             outcome,
             owed: Some(Owed::Reply(reply)),
         }
@@ -69,12 +69,12 @@ impl Ended {
 
 /// The one tail for "the upstream failed": a 4xx (or the MTA's own 5xx refusal) is owed.
 impl From<UpstreamError> for Ended {
-    fn from(e: UpstreamError) -> Ended {
+    fn from(e: UpstreamError) -> Self {
         let owed = match &e {
             UpstreamError::Refused(greeting) => Owed::Reply(greeting.clone()),
             _ => Owed::Unavailable,
         };
-        Ended {
+        Self {
             outcome: Outcome::UpstreamFailed(e.to_string()),
             owed: Some(owed),
         }
@@ -92,8 +92,8 @@ struct Ending {
 }
 
 impl Finished {
-    fn new(facts: Box<Facts>, ended: Ended, io: Option<Box<dyn ClientWrite>>) -> Finished {
-        Finished(Box::new(Ending { facts, ended, io }))
+    fn new(facts: Box<Facts>, ended: Ended, io: Option<Box<dyn ClientWrite>>) -> Self {
+        Self(Box::new(Ending { facts, ended, io }))
     }
 
     /// Writes the owed reply (bounded), closes the client stream, and gives the report.
@@ -116,8 +116,8 @@ impl Finished {
 }
 
 impl<S: ClientStream> Session<S> {
-    pub(crate) fn new(io: S, facts: Facts) -> Session<S> {
-        Session {
+    pub(crate) fn new(io: S, facts: Facts) -> Self {
+        Self {
             io,
             facts: Box::new(facts),
         }
@@ -167,7 +167,7 @@ impl<S: ClientStream> Session<S> {
     /// (`admission::Permits::admit`). A refused client on a STARTTLS listener gets
     /// `554 5.7.1` (denied) or `421 4.7.0` (a limit) as its greeting; on an implicit
     /// listener the connection is just closed.
-    pub(crate) fn admit(mut self) -> Result<Session<S>, Finished> {
+    pub(crate) fn admit(mut self) -> Result<Self, Finished> {
         let ip = self.facts.peer.client.ip();
         let facts = &mut *self.facts;
         let l = &facts.listener.config;
@@ -197,7 +197,7 @@ impl<S: ClientStream> Session<S> {
         self,
         transport: Transport,
     ) -> Result<Session<Box<TlsStream<S>>>, Finished> {
-        let Session { io, mut facts } = self;
+        let Self { io, mut facts } = self;
         let l = facts.listener.clone();
         let result = crate::tls::accept(io, &l.tls, l.config.limits.handshake_timeout).await;
         let (stream, tls) = match result {
@@ -226,10 +226,7 @@ impl<S: ClientStream> Session<S> {
 
     /// Reads the client's next bytes (at most `max`) within `command_timeout`; a timeout
     /// owes `421 4.4.2`, a close ends the session as the client's.
-    pub(crate) async fn first_command(
-        mut self,
-        max: usize,
-    ) -> Result<(Session<S>, Vec<u8>), Finished> {
+    pub(crate) async fn first_command(mut self, max: usize) -> Result<(Self, Vec<u8>), Finished> {
         let timeout = self.facts.listener.config.limits.command_timeout;
         let mut first = vec![0u8; max];
         match tokio::time::timeout(timeout, self.io.read(&mut first)).await {
@@ -247,7 +244,7 @@ impl<S: ClientStream> Session<S> {
     }
 
     /// Connects the upstream with this session's PROXY header (greeting read, not sent).
-    pub(crate) async fn connect(self) -> Result<(Session<S>, Upstream), Finished> {
+    pub(crate) async fn connect(self) -> Result<(Self, Upstream), Finished> {
         let header = self.facts.proxy_header();
         match upstream::connect(&self.facts.listener.upstream, &header).await {
             Ok(up) => {

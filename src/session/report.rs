@@ -57,9 +57,9 @@ pub(crate) enum Phase {
 impl Phase {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
-            Phase::Handshake => "handshake",
-            Phase::Command => "command",
-            Phase::Idle => "idle",
+            Self::Handshake => "handshake",
+            Self::Command => "command",
+            Self::Idle => "idle",
         }
     }
 }
@@ -68,29 +68,29 @@ impl Outcome {
     /// The `outcome` field and label.
     pub(crate) fn kind(&self) -> OutcomeKind {
         match self {
-            Outcome::Relayed => OutcomeKind::Relayed,
-            Outcome::ClientClosed => OutcomeKind::ClientClosed,
-            Outcome::HandshakeFailed(_) => OutcomeKind::HandshakeFailed,
-            Outcome::Timeout(_) => OutcomeKind::Timeout,
-            Outcome::UpstreamFailed(_) => OutcomeKind::UpstreamFailed,
-            Outcome::Reset => OutcomeKind::Reset,
-            Outcome::Limit(_) => OutcomeKind::Limit,
-            Outcome::Denied(_) => OutcomeKind::Denied,
-            Outcome::Shutdown => OutcomeKind::Shutdown,
-            Outcome::ProtocolError(_) => OutcomeKind::ProtocolError,
-            Outcome::AcmeChallenge(_) => OutcomeKind::AcmeChallenge,
+            Self::Relayed => OutcomeKind::Relayed,
+            Self::ClientClosed => OutcomeKind::ClientClosed,
+            Self::HandshakeFailed(_) => OutcomeKind::HandshakeFailed,
+            Self::Timeout(_) => OutcomeKind::Timeout,
+            Self::UpstreamFailed(_) => OutcomeKind::UpstreamFailed,
+            Self::Reset => OutcomeKind::Reset,
+            Self::Limit(_) => OutcomeKind::Limit,
+            Self::Denied(_) => OutcomeKind::Denied,
+            Self::Shutdown => OutcomeKind::Shutdown,
+            Self::ProtocolError(_) => OutcomeKind::ProtocolError,
+            Self::AcmeChallenge(_) => OutcomeKind::AcmeChallenge,
         }
     }
 
     pub(crate) fn reason(&self) -> &str {
         match self {
-            Outcome::HandshakeFailed(r)
-            | Outcome::UpstreamFailed(r)
-            | Outcome::ProtocolError(r)
-            | Outcome::AcmeChallenge(r) => r,
-            Outcome::Timeout(phase) => phase.as_str(),
-            Outcome::Limit(kind) => kind.as_str(),
-            Outcome::Denied(why) => why.as_str(),
+            Self::HandshakeFailed(r)
+            | Self::UpstreamFailed(r)
+            | Self::ProtocolError(r)
+            | Self::AcmeChallenge(r) => r,
+            Self::Timeout(phase) => phase.as_str(),
+            Self::Limit(kind) => kind.as_str(),
+            Self::Denied(why) => why.as_str(),
             _ => "",
         }
     }
@@ -121,19 +121,19 @@ impl Transport {
     /// The metric label of a session that reached the upstream this way.
     pub(crate) fn metric(self) -> Option<TransportKind> {
         match self {
-            Transport::Implicit => Some(TransportKind::Implicit),
-            Transport::Starttls => Some(TransportKind::Starttls),
-            Transport::Plaintext => Some(TransportKind::Plaintext),
-            Transport::None => None,
+            Self::Implicit => Some(TransportKind::Implicit),
+            Self::Starttls => Some(TransportKind::Starttls),
+            Self::Plaintext => Some(TransportKind::Plaintext),
+            Self::None => None,
         }
     }
 
     pub(crate) fn as_str(self) -> &'static str {
         match self {
-            Transport::Implicit => "implicit",
-            Transport::Starttls => "starttls",
-            Transport::Plaintext => "plaintext",
-            Transport::None => "none",
+            Self::Implicit => "implicit",
+            Self::Starttls => "starttls",
+            Self::Plaintext => "plaintext",
+            Self::None => "none",
         }
     }
 }
@@ -164,8 +164,8 @@ pub(crate) struct Facts {
 }
 
 impl Facts {
-    pub(crate) fn new(session_id: String, listener: Arc<ListenerRuntime>, peer: Peer) -> Facts {
-        Facts {
+    pub(crate) fn new(session_id: String, listener: Arc<ListenerRuntime>, peer: Peer) -> Self {
+        Self {
             session_id,
             listener,
             peer,

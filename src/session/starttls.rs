@@ -44,10 +44,7 @@ enum Onward {
 impl<S: ClientStream> Session<S> {
     /// The pre-TLS dialogue until its hand-off; every reply of the dialogue, the STARTTLS
     /// `220` included, is written here.
-    async fn dialogue(
-        mut self,
-        shutdown: &CancellationToken,
-    ) -> Result<(Session<S>, Onward), Finished> {
+    async fn dialogue(mut self, shutdown: &CancellationToken) -> Result<(Self, Onward), Finished> {
         // The listener's Arc, not a copy of its strings: the session's own facts stay
         // borrowable while the dialogue runs.
         let listener = self.facts.listener.clone();

@@ -270,11 +270,11 @@ fn the_futures_an_idle_session_keeps_stay_small() {
         permits(),
         &shutdown,
     );
-    let task_size = std::mem::size_of_val(&task);
+    let task_size = size_of_val(&task);
     let (_client, server) = tokio::io::duplex(1024);
     let facts = super::report::Facts::new("t".into(), listener, peer);
     let implicit = super::implicit::run(super::Session::new(server, facts));
-    let implicit_size = std::mem::size_of_val(&implicit);
+    let implicit_size = size_of_val(&implicit);
     eprintln!("serve future {task_size} B, implicit phase {implicit_size} B");
     assert!(task_size <= 352, "serve future {task_size} B");
     assert!(implicit_size <= 1344, "implicit phase {implicit_size} B");

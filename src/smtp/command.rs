@@ -36,7 +36,7 @@ pub(crate) enum Verb {
 }
 
 impl Verb {
-    fn of(word: &[u8]) -> Verb {
+    fn of(word: &[u8]) -> Self {
         const VERBS: [(&[u8], Verb); 22] = [
             (b"EHLO", Verb::Ehlo),
             (b"HELO", Verb::Helo),
@@ -62,12 +62,12 @@ impl Verb {
             (b"HEAD", Verb::Http),
         ];
         if word.eq_ignore_ascii_case(b"HOST:") {
-            return Verb::Http;
+            return Self::Http;
         }
         VERBS
             .iter()
             .find(|(name, _)| word.eq_ignore_ascii_case(name))
-            .map_or(Verb::Other, |&(_, verb)| verb)
+            .map_or(Self::Other, |&(_, verb)| verb)
     }
 }
 

@@ -20,16 +20,16 @@ pub(crate) enum Greet {
 impl Greet {
     pub(crate) fn verb(&self) -> &'static str {
         match self {
-            Greet::Ehlo(_) => "EHLO",
-            Greet::Helo(_) => "HELO",
+            Self::Ehlo(_) => "EHLO",
+            Self::Helo(_) => "HELO",
         }
     }
 
     /// The line to replay, re-emitted with CRLF.
     pub(crate) fn line(&self) -> Vec<u8> {
         match self {
-            Greet::Ehlo(d) => format!("EHLO {d}\r\n").into_bytes(),
-            Greet::Helo(d) => format!("HELO {d}\r\n").into_bytes(),
+            Self::Ehlo(d) => format!("EHLO {d}\r\n").into_bytes(),
+            Self::Helo(d) => format!("HELO {d}\r\n").into_bytes(),
         }
     }
 }
@@ -65,10 +65,10 @@ pub(crate) enum CloseReason {
 impl CloseReason {
     pub(crate) fn as_str(self) -> &'static str {
         match self {
-            CloseReason::Quit => "quit",
-            CloseReason::TooManyErrors => "too many errors",
-            CloseReason::CrossProtocol => "cross-protocol command (HTTP)",
-            CloseReason::TlsOnStarttlsPort => "TLS ClientHello on a STARTTLS port",
+            Self::Quit => "quit",
+            Self::TooManyErrors => "too many errors",
+            Self::CrossProtocol => "cross-protocol command (HTTP)",
+            Self::TlsOnStarttlsPort => "TLS ClientHello on a STARTTLS port",
         }
     }
 }
@@ -86,7 +86,7 @@ pub(crate) struct Dialogue {
 impl Dialogue {
     /// `capabilities`: EHLO keywords offered before TLS besides STARTTLS (never AUTH).
     pub(crate) fn new(hostname: &str, require_starttls: bool, capabilities: Vec<String>) -> Self {
-        Dialogue {
+        Self {
             hostname: hostname.to_owned(),
             require_starttls,
             capabilities: capabilities

@@ -98,7 +98,7 @@ mod tests {
 250-STARTTLS\r\n250-AUTH PLAIN LOGIN\r\n250-ENHANCEDSTATUSCODES\r\n250-8BITMIME\r\n250-DSN\r\n\
 250-SMTPUTF8\r\n250 CHUNKING\r\n";
         assert_eq!(
-            super::carried_keywords(reply).unwrap(),
+            carried_keywords(reply).unwrap(),
             [
                 "PIPELINING",
                 "SIZE 12345678",
@@ -110,10 +110,10 @@ mod tests {
             ]
         );
         assert_eq!(
-            super::carried_keywords(b"250-x\r\n250 size junk\r\n").unwrap(),
+            carried_keywords(b"250-x\r\n250 size junk\r\n").unwrap(),
             ["SIZE"]
         );
-        assert_eq!(super::carried_keywords(b"502 no\r\n"), None);
+        assert_eq!(carried_keywords(b"502 no\r\n"), None);
     }
 
     use super::*;

@@ -76,8 +76,8 @@ const CR: u8 = b'\r';
 const LF: u8 = b'\n';
 
 impl Guard {
-    pub(crate) fn new(mode: GuardMode) -> Guard {
-        Guard {
+    pub(crate) fn new(mode: GuardMode) -> Self {
+        Self {
             mode,
             after_crlf: true,
             col: Col::Start,

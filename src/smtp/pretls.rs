@@ -58,8 +58,8 @@ pub(crate) struct PreTls {
 }
 
 impl PreTls {
-    pub(crate) fn new(dialogue: Dialogue) -> PreTls {
-        PreTls {
+    pub(crate) fn new(dialogue: Dialogue) -> Self {
+        Self {
             reader: LineReader::default(),
             dialogue,
             first_read: true,
@@ -163,7 +163,7 @@ mod tests {
         assert!(matches!(p.step(), Next::Reply(_)));
         match p.step() {
             Next::Done(Handoff::StartTls { discarded, .. }) => {
-                assert_eq!(discarded, b"MAIL FROM:<x>\r\n")
+                assert_eq!(discarded, b"MAIL FROM:<x>\r\n");
             }
             other => panic!("{other:?}"),
         }

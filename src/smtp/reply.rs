@@ -29,10 +29,10 @@ pub(crate) enum ReplyError {
 impl std::fmt::Display for ReplyError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ReplyError::Malformed(line) => write!(f, "malformed reply line {line:?}"),
-            ReplyError::TooLong => write!(f, "reply longer than {MAX_REPLY_LEN} bytes"),
-            ReplyError::Closed => f.write_str("connection closed before a complete reply"),
-            ReplyError::Io(e) => f.write_str(e),
+            Self::Malformed(line) => write!(f, "malformed reply line {line:?}"),
+            Self::TooLong => write!(f, "reply longer than {MAX_REPLY_LEN} bytes"),
+            Self::Closed => f.write_str("connection closed before a complete reply"),
+            Self::Io(e) => f.write_str(e),
         }
     }
 }

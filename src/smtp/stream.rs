@@ -149,8 +149,8 @@ impl GuardAction {
     /// The metric's `action` label.
     pub(crate) fn action(self) -> crate::metrics::GuardAction {
         match self {
-            GuardAction::Normalized(_) => crate::metrics::GuardAction::Normalized,
-            GuardAction::Rejected => crate::metrics::GuardAction::Rejected,
+            Self::Normalized(_) => crate::metrics::GuardAction::Normalized,
+            Self::Rejected => crate::metrics::GuardAction::Rejected,
         }
     }
 }
@@ -158,8 +158,8 @@ impl GuardAction {
 impl std::fmt::Display for GuardAction {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            GuardAction::Normalized(n) => write!(f, "normalized:{n}"),
-            GuardAction::Rejected => f.write_str("rejected"),
+            Self::Normalized(n) => write!(f, "normalized:{n}"),
+            Self::Rejected => f.write_str("rejected"),
         }
     }
 }
@@ -189,7 +189,7 @@ impl Default for SmtpStream {
 
 impl SmtpStream {
     pub(crate) fn new(path: Path, guard: GuardMode) -> Self {
-        SmtpStream {
+        Self {
             state: State::Command,
             path,
             line: Vec::new(),

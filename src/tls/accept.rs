@@ -61,10 +61,10 @@ impl HandshakeFailure {
     /// The `reason` label of a failed handshake; `None` for an answered ACME validation.
     pub(crate) fn reason(&self) -> Option<HandshakeReason> {
         match self {
-            HandshakeFailure::Timeout => Some(HandshakeReason::Timeout),
-            HandshakeFailure::UnrecognizedName(_) => Some(HandshakeReason::UnrecognizedName),
-            HandshakeFailure::Tls { class, .. } => Some(*class),
-            HandshakeFailure::AcmeChallenge(_) => None,
+            Self::Timeout => Some(HandshakeReason::Timeout),
+            Self::UnrecognizedName(_) => Some(HandshakeReason::UnrecognizedName),
+            Self::Tls { class, .. } => Some(*class),
+            Self::AcmeChallenge(_) => None,
         }
     }
 }
@@ -72,13 +72,11 @@ impl HandshakeFailure {
 impl fmt::Display for HandshakeFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            HandshakeFailure::Timeout => f.write_str("timeout"),
-            HandshakeFailure::UnrecognizedName(sni) => write!(f, "unrecognized_name sni={sni}"),
-            HandshakeFailure::Tls { reason, .. } => f.write_str(reason),
-            HandshakeFailure::AcmeChallenge(None) => {
-                f.write_str("acme tls-alpn-01 validation answered")
-            }
-            HandshakeFailure::AcmeChallenge(Some(e)) => {
+            Self::Timeout => f.write_str("timeout"),
+            Self::UnrecognizedName(sni) => write!(f, "unrecognized_name sni={sni}"),
+            Self::Tls { reason, .. } => f.write_str(reason),
+            Self::AcmeChallenge(None) => f.write_str("acme tls-alpn-01 validation answered"),
+            Self::AcmeChallenge(Some(e)) => {
                 write!(f, "acme tls-alpn-01 validation: {e}")
             }
         }

@@ -25,20 +25,20 @@ impl KeyKind {
     /// Preference when several keys serve one name: cheapest handshake first.
     pub(crate) fn rank(self) -> u8 {
         match self {
-            KeyKind::Ecdsa { .. } => 0,
-            KeyKind::Ed25519 => 1,
-            KeyKind::Rsa { .. } => 2,
-            KeyKind::Other => 3,
+            Self::Ecdsa { .. } => 0,
+            Self::Ed25519 => 1,
+            Self::Rsa { .. } => 2,
+            Self::Other => 3,
         }
     }
 
     /// PROXY v2 `PP2_SUBTYPE_SSL_KEY_ALG` value, HAProxy style (`EC256`, `RSA2048`).
     fn key_alg(self) -> String {
         match self {
-            KeyKind::Ecdsa { bits } => format!("EC{bits}"),
-            KeyKind::Rsa { bits } => format!("RSA{bits}"),
-            KeyKind::Ed25519 => "ED25519".to_owned(),
-            KeyKind::Other => "UNKNOWN".to_owned(),
+            Self::Ecdsa { bits } => format!("EC{bits}"),
+            Self::Rsa { bits } => format!("RSA{bits}"),
+            Self::Ed25519 => "ED25519".to_owned(),
+            Self::Other => "UNKNOWN".to_owned(),
         }
     }
 }

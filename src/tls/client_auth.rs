@@ -52,7 +52,7 @@ pub(crate) struct RequestAnyCert {
 
 impl RequestAnyCert {
     pub(crate) fn new(roots: Option<&RootCertStore>, provider: &CryptoProvider) -> Self {
-        RequestAnyCert {
+        Self {
             hints: roots.map(RootCertStore::subjects).unwrap_or_default(),
             algorithms: provider.signature_verification_algorithms,
         }
@@ -119,17 +119,17 @@ impl ClientVerify {
     /// The metric label: `ok`, `no_ca` or `failed`.
     pub(crate) fn class(&self) -> crate::metrics::ClientCertVerify {
         match self {
-            ClientVerify::Ok => crate::metrics::ClientCertVerify::Ok,
-            ClientVerify::NoCa => crate::metrics::ClientCertVerify::NoCa,
-            ClientVerify::Failed(_) => crate::metrics::ClientCertVerify::Failed,
+            Self::Ok => crate::metrics::ClientCertVerify::Ok,
+            Self::NoCa => crate::metrics::ClientCertVerify::NoCa,
+            Self::Failed(_) => crate::metrics::ClientCertVerify::Failed,
         }
     }
 
     pub(crate) fn as_str(&self) -> &str {
         match self {
-            ClientVerify::Ok => "ok",
-            ClientVerify::NoCa => "no_ca",
-            ClientVerify::Failed(reason) => reason,
+            Self::Ok => "ok",
+            Self::NoCa => "no_ca",
+            Self::Failed(reason) => reason,
         }
     }
 }

@@ -56,8 +56,8 @@ impl CertStore {
         sources: &[CertificateSource],
         provider: &Arc<CryptoProvider>,
         acme: &dyn ManagedCerts,
-    ) -> Result<CertStore, ConfigError> {
-        let mut store = CertStore::default();
+    ) -> Result<Self, ConfigError> {
+        let mut store = Self::default();
         for source in sources {
             let cert = match source {
                 CertificateSource::Files { index, cert, key } => {

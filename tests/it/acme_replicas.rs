@@ -39,7 +39,7 @@ struct Balancer {
 }
 
 impl Balancer {
-    fn start(front: u16, backends: &[u16]) -> Balancer {
+    fn start(front: u16, backends: &[u16]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = format!(
             "global\n  maxconn 500\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n\
@@ -61,12 +61,10 @@ impl Balancer {
             .spawn()
             .expect("haproxy is installed (.ci/run installs it)");
         assert!(
-            crate::common::postfix::wait_until(Duration::from_secs(10), || {
-                crate::common::postfix::is_listening(front)
-            }),
+            postfix::wait_until(Duration::from_secs(10), || { postfix::is_listening(front) }),
             "HAProxy listens on {front}"
         );
-        Balancer { child, _dir: dir }
+        Self { child, _dir: dir }
     }
 }
 
@@ -371,10 +369,10 @@ async fn a_lock_holder_killed_mid_order_is_taken_over_after_the_stale_bound() {
 struct Immutable(PathBuf);
 
 impl Immutable {
-    fn set(dir: &Path) -> Immutable {
+    fn set(dir: &Path) -> Self {
         let ok = Command::new("chattr").arg("+i").arg(dir).status().unwrap();
         assert!(ok.success(), "chattr +i {}", dir.display());
-        Immutable(dir.to_owned())
+        Self(dir.to_owned())
     }
 }
 

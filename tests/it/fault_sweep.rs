@@ -51,13 +51,13 @@ struct Bed {
 }
 
 impl Bed {
-    async fn start(up: Upstream) -> Bed {
+    async fn start(up: Upstream) -> Self {
         Self::start_with(up, "", "", None).await
     }
 
     /// `top`: extra top-level keys; `listeners`: extra listener entries; `nofile`: start
     /// the proxy with this RLIMIT_NOFILE (soft and hard).
-    async fn start_with(up: Upstream, top: &str, listeners: &str, nofile: Option<u64>) -> Bed {
+    async fn start_with(up: Upstream, top: &str, listeners: &str, nofile: Option<u64>) -> Self {
         let good = FakeMta::start().await;
         let (mta, mta_addr) = match up {
             Upstream::Fault(f) => {
@@ -99,7 +99,7 @@ listeners:
                 .await;
         }
         let metrics = proxy.metrics_addr();
-        let mut bed = Bed {
+        let mut bed = Self {
             proxy,
             mta,
             good,
@@ -156,7 +156,7 @@ listeners:
                 self.baseline
             ))
         })
-        .await
+        .await;
     }
 
     async fn scrape(&self) -> Scrape {
@@ -1164,7 +1164,7 @@ async fn tls12_renegotiation_attempt_is_refused_and_the_proxy_keeps_serving() {
                     }
                 },
             )
-            .await
+            .await;
         }
     };
     wait_out("220 fault.mta ESMTP").await;

@@ -207,7 +207,7 @@ fn session_line(proxy: &RunningProxy, listener: &str, client: IpAddr) -> Result<
 }
 
 /// Checks the session line; returns "TLSv1.3, TLS_AES_128_GCM_SHA256, cert mx.example.test/ecdsa".
-fn check_session(proxy: &RunningProxy, e: &Expect) -> Result<String, String> {
+fn check_session(proxy: &RunningProxy, e: &Expect<'_>) -> Result<String, String> {
     let line = session_line(proxy, e.listener, e.client)?;
     let field = |k: &str| line[k].as_str().unwrap_or_default().to_owned();
     let mut problems = Vec::new();
@@ -273,7 +273,7 @@ fn check_session(proxy: &RunningProxy, e: &Expect) -> Result<String, String> {
 }
 
 /// The full check of a delivering case.
-fn check_case(bed: &Bed, token: &str, e: &Expect) -> Result<String, String> {
+fn check_case(bed: &Bed, token: &str, e: &Expect<'_>) -> Result<String, String> {
     check_delivered(&bed.pf, token, e.client)?;
     let detail = check_session(&bed.proxy, e)?;
     Ok(format!("{detail}, client {}", e.client))
@@ -374,7 +374,7 @@ fn postfix_delivers(
     sender: &SenderPostfix,
     case: &str,
     rcpt: &str,
-    e: &Expect,
+    e: &Expect<'_>,
     sender_log_needle: &str,
 ) -> Outcome {
     let token = token(case);
@@ -473,7 +473,7 @@ fn exim_case(
     exim: &Result<Exim, String>,
     local: &str,
     case: &str,
-    e: &Expect,
+    e: &Expect<'_>,
 ) -> Outcome {
     let exim = exim.as_ref().map_err(Clone::clone)?;
     let rcpt = format!("{local}@example.test");
@@ -511,7 +511,7 @@ fn msmtp_case(
     listener: &str,
     starttls: bool,
     from: IpAddr,
-    e: &Expect,
+    e: &Expect<'_>,
 ) -> Outcome {
     let token = token(case);
     let rcpt = "msmtp@example.test";
@@ -555,7 +555,7 @@ fn curl_case(
     listener: &str,
     smtps: bool,
     from: IpAddr,
-    e: &Expect,
+    e: &Expect<'_>,
 ) -> Outcome {
     let token = token(case);
     let rcpt = "curl@example.test";
@@ -599,7 +599,7 @@ fn gnutls_case(
     case: &str,
     priority: Option<&str>,
     from: Ipv4Addr,
-    e: &Expect,
+    e: &Expect<'_>,
 ) -> Outcome {
     let token = token(case);
     let relay = relay_from(IpAddr::V4(from), bed.proxy.addr("submissions"));
@@ -866,7 +866,7 @@ fn interop_set() {
     let v6 = IpAddr::V6(Ipv6Addr::LOCALHOST);
     let (b, s, x) = (&bed, &sender, &exim);
     type Case<'a> = (&'static str, Box<dyn FnOnce() -> Outcome + Send + 'a>);
-    let cases: Vec<Case> = vec![
+    let cases: Vec<Case<'_>> = vec![
         (
             "postfix-secure-starttls",
             Box::new(move || {

@@ -111,7 +111,7 @@ fn start(extra_listener: &str) -> Setup {
     let proxy = spawn_proxy_at(dir, &config_path, &[]);
     Setup {
         cert: live.cert_path.clone(),
-        key: live.key_path.clone(),
+        key: live.key_path,
         config: config_path,
         pki,
         proxy,

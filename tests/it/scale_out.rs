@@ -43,7 +43,7 @@ struct Haproxy {
 }
 
 impl Haproxy {
-    fn start(front: u16, replicas: &[(&str, u16, u16)]) -> Haproxy {
+    fn start(front: u16, replicas: &[(&str, u16, u16)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("admin.sock");
         let mut cfg = format!(
@@ -76,7 +76,7 @@ impl Haproxy {
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
-        Haproxy {
+        Self {
             child,
             socket,
             _dir: dir,
@@ -112,7 +112,7 @@ impl Haproxy {
                 other => Err(format!("{other:?}")),
             }
         })
-        .await
+        .await;
     }
 }
 

@@ -67,7 +67,7 @@ pub struct FaultMta {
 }
 
 impl FaultMta {
-    pub async fn start(fault: Fault) -> FaultMta {
+    pub async fn start(fault: Fault) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let conns: Arc<Mutex<Vec<FaultConn>>> = Arc::default();
@@ -96,7 +96,7 @@ impl FaultMta {
                 });
             }
         });
-        FaultMta {
+        Self {
             addr,
             conns,
             resume,

@@ -88,7 +88,7 @@ fn set_validity(params: &mut CertificateParams) {
 }
 
 impl Pki {
-    pub fn new(names: &[&str]) -> Pki {
+    pub fn new(names: &[&str]) -> Self {
         let dir = open_tempdir("interop-pki-");
         let (ca, ca_pem) = make_ca("smtp-tls-proxy interop CA");
         let (_, untrusted_pem) = make_ca("an interop CA nobody trusts");
@@ -110,7 +110,7 @@ impl Pki {
             write("mx-rsa.crt", &cert, 0o644),
             write("mx-rsa.key", &key, 0o600),
         );
-        Pki {
+        Self {
             dir,
             ca: ca_path,
             untrusted_ca: untrusted,
@@ -189,7 +189,7 @@ pub struct SenderPostfix {
 const POSTFIX: &str = "/usr/sbin/postfix";
 
 impl SenderPostfix {
-    pub fn start(routes: &[Route]) -> SenderPostfix {
+    pub fn start(routes: &[Route]) -> Self {
         assert_eq!(
             fs::metadata("/proc/self").map(|m| m.uid()).ok(),
             Some(0),
@@ -205,7 +205,7 @@ impl SenderPostfix {
         unreachable!()
     }
 
-    fn try_start(routes: &[Route]) -> Result<SenderPostfix, String> {
+    fn try_start(routes: &[Route]) -> Result<Self, String> {
         let dir = open_tempdir("interop-sender-");
         let d = dir.path().to_str().unwrap().to_owned();
         for sub in ["conf", "queue"] {
@@ -287,7 +287,7 @@ biff = no
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .ok_or_else(|| format!("no master.pid\n{}", log()))?;
-        let pf = SenderPostfix {
+        let pf = Self {
             dir,
             port,
             master_pid,
@@ -425,7 +425,7 @@ pub struct Exim {
 }
 
 impl Exim {
-    pub fn new(routes: &[EximRoute], ca: &Path) -> Exim {
+    pub fn new(routes: &[EximRoute], ca: &Path) -> Self {
         let bin = exim_binary();
         assert!(
             bin.exists(),
@@ -500,7 +500,7 @@ impl Exim {
             ),
         )
         .unwrap();
-        Exim { dir, conf }
+        Self { dir, conf }
     }
 
     fn command(&self) -> Command {
@@ -612,7 +612,7 @@ pub struct Dialogue {
 }
 
 impl Dialogue {
-    pub fn spawn(cmd: &mut Command) -> Dialogue {
+    pub fn spawn(cmd: &mut Command) -> Self {
         cmd.stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -634,7 +634,7 @@ impl Dialogue {
                 }
             });
         }
-        Dialogue {
+        Self {
             child,
             lines: rx,
             seen: Vec::new(),

@@ -38,7 +38,7 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut condition: F) -> T
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<T, String>>,
+    Fut: Future<Output = Result<T, String>>,
 {
     let deadline = Instant::now() + within;
     loop {
@@ -83,8 +83,8 @@ fn ca(cn: &str) -> CertifiedIssuer<'static, KeyPair> {
 }
 
 impl TestPki {
-    pub fn new() -> TestPki {
-        TestPki {
+    pub fn new() -> Self {
+        Self {
             dir: tempfile::tempdir().unwrap(),
             server_ca: ca("smtp-tls-proxy test server CA"),
             client_ca: ca("smtp-tls-proxy test client CA"),
@@ -457,20 +457,20 @@ pub struct FakeMta {
 }
 
 impl FakeMta {
-    pub async fn start() -> FakeMta {
+    pub async fn start() -> Self {
         Self::start_with_greeting("220 fake.mta ESMTP\r\n").await
     }
 
     /// For `proxy_protocol: none`: greets at once, expects no header.
-    pub async fn start_without_header() -> FakeMta {
+    pub async fn start_without_header() -> Self {
         Self::start_inner("220 fake.mta ESMTP\r\n", false).await
     }
 
-    pub async fn start_with_greeting(greeting: &'static str) -> FakeMta {
+    pub async fn start_with_greeting(greeting: &'static str) -> Self {
         Self::start_inner(greeting, true).await
     }
 
-    async fn start_inner(greeting: &'static str, expect_header: bool) -> FakeMta {
+    async fn start_inner(greeting: &'static str, expect_header: bool) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let conns: Arc<Mutex<Vec<MtaConn>>> = Arc::default();
@@ -491,7 +491,7 @@ impl FakeMta {
                 });
             }
         });
-        FakeMta { addr, conns, task }
+        Self { addr, conns, task }
     }
 
     pub fn conns(&self) -> Vec<MtaConn> {
@@ -816,7 +816,7 @@ pub struct Smtp<S> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin> Smtp<S> {
     pub fn new(stream: S) -> Self {
-        Smtp {
+        Self {
             stream,
             buf: Vec::new(),
         }
@@ -948,8 +948,8 @@ pub fn tlsa_of(der: &[u8]) -> String {
 pub struct TestConfig(pub Value);
 
 impl TestConfig {
-    pub fn new(upstream: SocketAddr) -> TestConfig {
-        TestConfig(serde_json::json!({
+    pub fn new(upstream: SocketAddr) -> Self {
+        Self(serde_json::json!({
             "log": { "format": "json" },
             "upstreams": { "mta": { "address": upstream.to_string(), "connect_timeout": "3s" } },
             "certificates": [],
@@ -958,7 +958,7 @@ impl TestConfig {
     }
 
     /// Merges `extra` into the top level (e.g. `{"metrics": {"listen": "127.0.0.1:0"}}`).
-    pub fn top(mut self, extra: Value) -> TestConfig {
+    pub fn top(mut self, extra: Value) -> Self {
         for (k, v) in extra.as_object().unwrap() {
             self.0[k] = v.clone();
         }
@@ -966,26 +966,26 @@ impl TestConfig {
     }
 
     /// Merges `extra` into upstream `mta` (e.g. `{"health_interval": "1s"}`).
-    pub fn upstream(mut self, extra: Value) -> TestConfig {
+    pub fn upstream(mut self, extra: Value) -> Self {
         for (k, v) in extra.as_object().unwrap() {
             self.0["upstreams"]["mta"][k] = v.clone();
         }
         self
     }
 
-    pub fn certificate(mut self, c: &Issued) -> TestConfig {
+    pub fn certificate(mut self, c: &Issued) -> Self {
         let entry = serde_json::json!({ "cert": c.cert_path, "key": c.key_path });
         self.0["certificates"].as_array_mut().unwrap().push(entry);
         self
     }
 
-    pub fn self_signed(mut self, names: &[&str]) -> TestConfig {
+    pub fn self_signed(mut self, names: &[&str]) -> Self {
         let entry = serde_json::json!({ "self_signed": names });
         self.0["certificates"].as_array_mut().unwrap().push(entry);
         self
     }
 
-    fn listener(mut self, name: &str, mode: &str, hostname: &str, extra: Value) -> TestConfig {
+    fn listener(mut self, name: &str, mode: &str, hostname: &str, extra: Value) -> Self {
         let mut l = serde_json::json!({
             "listen": "127.0.0.1:0", "mode": mode, "hostname": hostname, "upstream": "mta",
         });
@@ -996,11 +996,11 @@ impl TestConfig {
         self
     }
 
-    pub fn starttls(self, name: &str, hostname: &str, extra: Value) -> TestConfig {
+    pub fn starttls(self, name: &str, hostname: &str, extra: Value) -> Self {
         self.listener(name, "starttls", hostname, extra)
     }
 
-    pub fn implicit(self, name: &str, hostname: &str, extra: Value) -> TestConfig {
+    pub fn implicit(self, name: &str, hostname: &str, extra: Value) -> Self {
         self.listener(name, "implicit", hostname, extra)
     }
 
@@ -1098,13 +1098,13 @@ pub type Sample = (String, Vec<(String, String)>, f64);
 pub struct Scrape(pub Vec<Sample>);
 
 impl Scrape {
-    pub async fn get(addr: SocketAddr) -> Scrape {
+    pub async fn get(addr: SocketAddr) -> Self {
         let (code, body) = http_get(addr, "/metrics").await;
         assert_eq!(code, 200);
-        Scrape::parse(&body)
+        Self::parse(&body)
     }
 
-    pub fn parse(text: &str) -> Scrape {
+    pub fn parse(text: &str) -> Self {
         let mut out = Vec::new();
         for line in text
             .lines()
@@ -1128,7 +1128,7 @@ impl Scrape {
             };
             out.push((name, labels, value.parse().unwrap()));
         }
-        Scrape(out)
+        Self(out)
     }
 
     /// Sum of the samples named `name` whose labels include all of `labels`.

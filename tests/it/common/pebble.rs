@@ -50,24 +50,24 @@ fn free_udp_and_tcp() -> u16 {
 
 impl Pebble {
     /// Starts challtestsrv and Pebble; returns once Pebble serves its directory.
-    pub fn start(tls_port: u16) -> Pebble {
-        Pebble::start_with_validity(tls_port, None)
+    pub fn start(tls_port: u16) -> Self {
+        Self::start_with_validity(tls_port, None)
     }
 
     /// As `start`, with certificates valid for `validity_s` seconds (Pebble's
     /// `certificateValidityPeriod`; default five years): short lifetimes make the proxy
     /// renew while the test watches, through its real schedule (two thirds of the lifetime).
-    pub fn start_with_validity(tls_port: u16, validity_s: Option<u64>) -> Pebble {
-        Pebble::start_with(tls_port, validity_s, false)
+    pub fn start_with_validity(tls_port: u16, validity_s: Option<u64>) -> Self {
+        Self::start_with(tls_port, validity_s, false)
     }
 
     /// As `start`, with Pebble's validation sleep left on (0-15 s before each validation,
     /// as a real CA takes its time): an order stays in flight long enough to interrupt.
-    pub fn start_with_va_sleep(tls_port: u16) -> Pebble {
-        Pebble::start_with(tls_port, None, true)
+    pub fn start_with_va_sleep(tls_port: u16) -> Self {
+        Self::start_with(tls_port, None, true)
     }
 
-    fn start_with(tls_port: u16, validity_s: Option<u64>, va_sleep: bool) -> Pebble {
+    fn start_with(tls_port: u16, validity_s: Option<u64>, va_sleep: bool) -> Self {
         assert!(
             Path::new(PEBBLE).exists() && Path::new(CHALLTESTSRV).exists(),
             "apt-get install pebble"
@@ -110,13 +110,13 @@ impl Pebble {
         .unwrap();
 
         let logs: Arc<Mutex<String>> = Arc::default();
-        let mut pebble = Pebble {
+        let mut pebble = Self {
             api: SocketAddr::from(([127, 0, 0, 1], api)),
             management: SocketAddr::from(([127, 0, 0, 1], management)),
             api_ca: d.join("api-ca.pem"),
             api_ca_der: ca.der().clone(),
             children: Vec::new(),
-            logs: logs.clone(),
+            logs,
             dir,
         };
         let mut cts = Command::new(CHALLTESTSRV);

@@ -46,7 +46,7 @@ impl Postfix {
     /// Ports are found by binding 127.0.0.1:0 and dropping the listener, so another process may
     /// grab one before master binds it; master then dies with "Address already in use" and we
     /// retry with fresh ports (up to 3 attempts).
-    pub fn start(opts: PostfixOptions) -> Postfix {
+    pub fn start(opts: PostfixOptions) -> Self {
         assert!(
             Path::new(POSTFIX).exists(),
             "{POSTFIX} missing: apt-get install postfix"
@@ -64,7 +64,7 @@ impl Postfix {
         }
     }
 
-    fn try_start(opts: &PostfixOptions) -> Result<Postfix, String> {
+    fn try_start(opts: &PostfixOptions) -> Result<Self, String> {
         // Explicitly in /tmp: every parent directory must be traversable by the postfix and
         // nobody users (a TMPDIR below /root would break that).
         let dir = tempfile::Builder::new()
@@ -136,7 +136,7 @@ impl Postfix {
             .ok()
             .and_then(|s| s.trim().parse().ok())
             .ok_or_else(|| format!("no master.pid\n{}", log()))?;
-        let pf = Postfix {
+        let pf = Self {
             dir,
             proxy_port,
             plain_port,
