@@ -121,13 +121,13 @@ impl PreTls {
     }
 
     /// Unprocessed input held (for the fuzz invariants).
-    #[cfg(any(test, feature = "fuzzing"))]
+    #[cfg(feature = "fuzzing")]
     pub(crate) fn buffered(&self) -> usize {
         self.reader.buffered()
     }
 
     /// Rejected commands so far (for the fuzz invariants).
-    #[cfg(any(test, feature = "fuzzing"))]
+    #[cfg(feature = "fuzzing")]
     pub(crate) fn errors(&self) -> u32 {
         self.dialogue.errors()
     }
