@@ -8,18 +8,23 @@
 //! Every module, one line each (`tests/it/architecture.rs` fails when one is missing here).
 //! - `main.rs` — CLI (`run` | `check`), exit codes 0/1/2; calls into the lib only.
 //! - [`config`] — proxy.yaml + `SMTP_TLS_PROXY_*` env via figment; `file` is the serde
-//!   mirror, `validate` the cross-checks; errors read `file: key.path: reason`.
+//!   mirror, `validate` (and `certificates`) the cross-checks producing the `types`;
+//!   errors read `file: key.path: reason`.
 //! - [`snapshot`] — validated config + what is built from it (certificate store, per-listener
 //!   TLS configs with their resumption caches, upstream connectors, metric handles, the
 //!   stamps of the files read); the unit of reload.
-//! - [`server`] — binds listeners, signals (SIGHUP reload, SIGTERM drain), reload with a
-//!   listener diff; [`watch`] turns file changes into reloads (filtered, debounced, skipped
-//!   when nothing changed).
+//! - [`server`] — the `Supervisor` owns what runs beside sessions (current snapshot,
+//!   health, ACME, status server, running listeners, watcher): `adopt` (start-up and
+//!   reload alike), `reload` with a listener diff, `drain`; `run(start, triggers)` takes
+//!   its shutdown and reload triggers as values (`Triggers::from_signals`: SIGTERM/SIGINT,
+//!   SIGHUP). [`watch`] turns file changes into reloads (filtered, debounced, skipped when
+//!   nothing changed).
 //! - [`listener`] — accept loop: one [`admission`]`::Admission` per loop gives each
 //!   connection its permits (global and listener slots), then spawns [`session::run`].
-//! - [`session`] — one connection as typed phases over any stream: `phases` (inbound PROXY,
-//!   admission on the real address, TLS, upstream, relay), `implicit`, `starttls` (the dialogue and its
-//!   two hand-offs); `report` holds the facts and the one summary line.
+//! - [`session`] — one connection as typed phases over any `ClientStream`: `phases`
+//!   (inbound PROXY, admission on the real address, TLS, upstream, relay), `implicit`,
+//!   `starttls` (the dialogue and its two hand-offs); `report` holds the facts (the
+//!   permits among them) and the one summary line.
 //! - [`smtp`] — pure SMTP, no sockets: `command` (the session's one reading of a command
 //!   line, Postfix's), `line` (bounded line reader), `dialogue` (pre-TLS state machine),
 //!   `pretls` (the two glued with the hand-off rules), `stream` (the follower after the
@@ -41,7 +46,8 @@
 //! - [`relay`] — both directions, half-close, idle timeout, byte counts.
 //! - [`health`] — the upstream probe (PROXY v2 LOCAL, greeting); [`http`] serves
 //!   `/metrics`, `/healthz`, `/readyz`.
-//! - [`metrics`] — the registry; a leaf that imports nothing from the crate.
+//! - [`metrics`] — the registry, closed: private families, a verb per metric, every fixed
+//!   label set an enum with `ALL` (`labels`); a leaf that imports nothing from the crate.
 //! - [`check`], [`telemetry`].
 //! - `fuzz_checks` (feature `fuzzing` only) — the invariants the `fuzz/` targets and
 //!   `tests/it/fuzz_corpus.rs` assert.
@@ -49,13 +55,14 @@
 //! # Data flow
 //! ```text
 //! accept -> listener (Arc<ListenerRuntime> from the current snapshot) -> spawn session::run
-//!   read_proxy_header -> admit (per-IP) ->
+//!   (admission: permits at accept) read_proxy_header -> admit (real address, per-IP) ->
 //!   implicit: into_tls -> connect (PROXY header from the facts) -> greeting -> relay
 //!   starttls: dialogue -> upgrade:      into_tls -> first command -> connect -> relay
 //!                      -> pass-through: connect -> replay EHLO/HELO -> relay
 //!   -> Finished (owed reply written) -> slots freed -> SessionReport -> one log line
 //! reload: SIGHUP | watch (filtered events, debounce, unchanged stamps skipped)
-//!   -> snapshot::read_config + build (session caches carried over) -> bind new -> swap
+//!   -> snapshot::read_config + build (session caches carried over) -> bind new
+//!   -> Supervisor::adopt -> swap -> unbind gone
 //! health: every health_interval per upstream -> metrics upstream_up, /readyz
 //! ```
 #![forbid(unsafe_code)]
