@@ -415,9 +415,8 @@ impl SmtpStream {
             }
             Action::Bdat(size) => {
                 self.expects.push_back(Expect::Upstream(ReplyKind::Other));
-                if size > 0 {
-                    self.state = State::Bdat(size);
-                }
+                // `BDAT 0`: the state passes back to commands at the next byte.
+                self.state = State::Bdat(size);
             }
             Action::Refuse(reply) => {
                 if let Some(i) = FollowerRefusal::ALL

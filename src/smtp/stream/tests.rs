@@ -614,3 +614,47 @@ fn the_guard_action_reads_as_the_log_field_and_the_metric_label() {
     assert_eq!(GuardAction::Normalized(3).action().as_str(), "normalized");
     assert_eq!(GuardAction::Rejected.action().as_str(), "rejected");
 }
+
+#[test]
+fn the_long_line_bound_is_1024_bytes_before_the_lf() {
+    // 1,024 blanks are still a tracked line: the DATA after them is read whole.
+    let mut s = SmtpStream::default();
+    let (up, _, _) = client(&mut s, &[b' '; MAX_TRACKED_LINE]);
+    assert_eq!(up, "", "held, not forwarded");
+    let (up, cl, _) = client(&mut s, b"DATA\r\n");
+    assert_eq!(up.len(), MAX_TRACKED_LINE + 6);
+    assert_eq!(cl, "");
+    assert!(!s.wants_client_input(), "waits for the DATA reply");
+    // One more and the line is over-long: no whole verb in its head, refused.
+    let mut s = SmtpStream::default();
+    client(&mut s, &[b' '; MAX_TRACKED_LINE + 1]);
+    let (up, cl, _) = client(&mut s, b"DATA\r\n");
+    assert_eq!(
+        (up.as_str(), cl.as_str()),
+        ("", "500 5.5.2 Error: line too long\r\n")
+    );
+}
+
+#[test]
+fn a_long_auth_line_is_refused_in_plaintext_and_relayed_inside_tls() {
+    let mut long = b"AUTH PLAIN ".to_vec();
+    long.extend_from_slice(&[b'A'; 2000]);
+    let mut s = SmtpStream::new(Path::Plaintext, GuardMode::Normalize);
+    let (up, _, _) = client(&mut s, &long);
+    assert_eq!(up, "");
+    let (_, cl, _) = client(&mut s, b"\r\n");
+    assert!(cl.starts_with("538 5.7.11"), "{cl}");
+    let mut s = SmtpStream::default();
+    let (up, _, _) = client(&mut s, &long);
+    assert_eq!(up.len(), long.len(), "forwarded as it streams");
+    let (up, cl, _) = client(&mut s, b"\r\n");
+    assert_eq!((up.as_str(), cl.as_str()), ("\r\n", ""));
+}
+
+#[test]
+fn reject_reports_nothing_for_clean_content() {
+    let mut s = in_data(GuardMode::Reject);
+    client(&mut s, b"clean\r\n.\r\n");
+    assert_eq!(s.guard_action(), None);
+    assert!(!s.take_abort_upstream());
+}
