@@ -34,12 +34,13 @@ pub fn describe(snapshot: &Snapshot) -> String {
             .join(", ");
         let _ = writeln!(
             out,
-            "listener {name}: {} {mode}, hostname {}, default certificate {default}, unknown_sni {:?}, client_cert {:?}, session_tickets {}",
+            "listener {name}: {} {mode}, hostname {}, default certificate {default}, unknown_sni {:?}, client_cert {:?}, session_tickets {}, smuggling_guard {:?}",
             lc.listen,
             lc.hostname,
             lc.unknown_sni,
             lc.client_cert,
             if lc.session_tickets { "on" } else { "off" },
+            lc.smuggling_guard,
         );
         if !lc.allow.is_empty() || !lc.deny.is_empty() || lc.limits.per_ip_rate.is_some() {
             let nets = |v: &[ipnet::IpNet]| {

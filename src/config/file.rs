@@ -182,9 +182,9 @@ pub struct ListenerFile {
     pub smuggling_guard: SmugglingGuard,
 }
 
-/// `listeners.*.smuggling_guard`.
-#[derive(Debug, Deserialize, Default, Clone, Copy, PartialEq, Eq)]
-#[serde(rename_all = "lowercase")]
+/// `listeners.*.smuggling_guard`. YAML 1.1 reads an unquoted `off` as the boolean false,
+/// so `false` means `off` too (and `true` is refused: say which mode).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub enum SmugglingGuard {
     /// Byte for byte, as before 2026-12.
     Off,
@@ -193,6 +193,30 @@ pub enum SmugglingGuard {
     Normalize,
     /// `550 5.5.2` and the MTA's partial message discarded.
     Reject,
+}
+
+impl<'de> Deserialize<'de> for SmugglingGuard {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bool(bool),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Bool(false) => Ok(Self::Off),
+            Raw::Text(t) if t == "off" => Ok(Self::Off),
+            Raw::Text(t) if t == "normalize" => Ok(Self::Normalize),
+            Raw::Text(t) if t == "reject" => Ok(Self::Reject),
+            other => Err(serde::de::Error::custom(format!(
+                "{}: expected normalize, reject or off",
+                match other {
+                    Raw::Bool(b) => b.to_string(),
+                    Raw::Text(t) => format!("{t:?}"),
+                }
+            ))),
+        }
+    }
 }
 
 /// `listeners.*.mode`.
