@@ -658,3 +658,22 @@ fn reject_reports_nothing_for_clean_content() {
     assert_eq!(s.guard_action(), None);
     assert!(!s.take_abort_upstream());
 }
+
+#[test]
+fn mail_shaped_content_ends_whatever_the_reads() {
+    let mut line = b"x".repeat(78);
+    line.extend_from_slice(b"\r\n");
+    let mut content = line.repeat(819 * 3);
+    content.extend_from_slice(b".\r\n");
+    for read in [1usize, 2, 3, 7, 79, 80, 81, 4096, 16384, 65520, 65536] {
+        let mut s = in_data(GuardMode::Normalize);
+        let mut out = String::new();
+        for piece in content.chunks(read) {
+            let (up, _, n) = client(&mut s, piece);
+            assert_eq!(n, piece.len());
+            out.push_str(&up);
+        }
+        assert_eq!(out.as_bytes(), &content[..], "reads of {read}");
+        assert_eq!(s.expects.len(), 1, "ended, reads of {read}");
+    }
+}
