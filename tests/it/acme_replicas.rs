@@ -31,15 +31,17 @@ fn free_ports(n: usize) -> Vec<u16> {
 }
 
 /// HAProxy in TCP mode, round robin over `backends` (no PROXY header: a validation
-/// connection may land on any replica). A TCP health check and redispatch on a refused
-/// connection take a dead replica out, as any production balancer does.
+/// connection may land on any replica). With `checks`, a TCP health check and redispatch on
+/// a refused connection take a dead replica out, as any production balancer does; without,
+/// every replica is in the rotation from the start (HAProxy marks a checked server down
+/// until its first checks pass, which would hide replicas from the first validations).
 struct Balancer {
     child: Child,
     _dir: tempfile::TempDir,
 }
 
 impl Balancer {
-    fn start(front: u16, backends: &[u16]) -> Self {
+    fn start(front: u16, backends: &[u16], checks: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = format!(
             "global\n  maxconn 500\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n\
@@ -48,7 +50,12 @@ impl Balancer {
              backend replicas\n  balance roundrobin\n"
         );
         for (i, port) in backends.iter().enumerate() {
-            cfg += &format!("  server r{i} 127.0.0.1:{port} check inter 300ms fall 1 rise 2\n");
+            let check = if checks {
+                " check inter 300ms fall 1 rise 1"
+            } else {
+                ""
+            };
+            cfg += &format!("  server r{i} 127.0.0.1:{port}{check}\n");
         }
         let path = dir.path().join("haproxy.cfg");
         std::fs::write(&path, cfg).unwrap();
@@ -125,7 +132,8 @@ async fn cluster(validity_s: Option<u64>, rotate: bool, va_sleep: bool) -> Clust
     } else {
         Pebble::start_with_validity(front, validity_s)
     };
-    let balancer = Balancer::start(front, &ports);
+    // Health checks only where a replica dies (the kill test).
+    let balancer = Balancer::start(front, &ports, va_sleep);
     let work = tempfile::tempdir().unwrap();
     let store = work.path().join("shared-store");
     let api_ca = work.path().join("api-ca.pem");

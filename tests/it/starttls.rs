@@ -149,23 +149,28 @@ async fn bytes_pipelined_after_starttls_never_reach_the_upstream() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn message_content_passes_byte_for_byte() {
-    let mta = FakeMta::start().await;
-    let proxy = setup_with(mta.addr, "").await;
-    let (mut smtp, _) = plain(&proxy, "smtp").await;
-    smtp.cmd("EHLO x").await;
-    smtp.cmd("STARTTLS").await;
-    let mut tls = upgrade(smtp).await;
-    tls.cmd("EHLO x").await;
+async fn message_content_passes_byte_for_byte_or_through_the_smuggling_guard() {
     let body =
         "Subject: t\r\n\r\nSTARTTLS\r\nEHLO x\r\n..\r\n.x\r\nbare\n.\nstill body\r\n.\rnot the end";
-    let r = tls.send_mail("a@b", "c@d", body).await;
-    assert!(r.starts_with("250"), "{r}");
-    tls.cmd("QUIT").await;
-    let conn = mta.wait_line(0, |l| l == "QUIT").await;
-    let start = conn.lines.iter().position(|l| l == "DATA").unwrap() + 1;
-    let end = conn.lines.iter().rposition(|l| l == ".").unwrap();
-    assert_eq!(conn.lines[start..end].join("\r\n"), body);
+    // `off`: byte for byte. The default (`normalize`): bare line ends become CRLF and the
+    // `.` lines the client did not end with CRLF.CRLF are stuffed; the rest is untouched.
+    let normalized = "Subject: t\r\n\r\nSTARTTLS\r\nEHLO x\r\n..\r\n.x\r\nbare\r\n..\r\nstill body\r\n..\r\nnot the end";
+    for (guard, expected) in [("    smuggling_guard: off\n", body), ("", normalized)] {
+        let mta = FakeMta::start().await;
+        let proxy = setup_with(mta.addr, guard).await;
+        let (mut smtp, _) = plain(&proxy, "smtp").await;
+        smtp.cmd("EHLO x").await;
+        smtp.cmd("STARTTLS").await;
+        let mut tls = upgrade(smtp).await;
+        tls.cmd("EHLO x").await;
+        let r = tls.send_mail("a@b", "c@d", body).await;
+        assert!(r.starts_with("250"), "{r}");
+        tls.cmd("QUIT").await;
+        let conn = mta.wait_line(0, |l| l == "QUIT").await;
+        let start = conn.lines.iter().position(|l| l == "DATA").unwrap() + 1;
+        let end = conn.lines.iter().rposition(|l| l == ".").unwrap();
+        assert_eq!(conn.lines[start..end].join("\r\n"), expected, "{guard:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
