@@ -68,7 +68,7 @@ impl Balancer {
             .spawn()
             .expect("haproxy is installed (.ci/run installs it)");
         assert!(
-            postfix::wait_until(Duration::from_secs(10), || { postfix::is_listening(front) }),
+            wait_until(Duration::from_secs(10), || postfix::is_listening(front)),
             "HAProxy listens on {front}"
         );
         Self { child, _dir: dir }

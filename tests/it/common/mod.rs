@@ -53,6 +53,38 @@ where
     }
 }
 
+/// The sync twin of [`eventually`], for code outside the runtime (process start-up,
+/// Postfix, Pebble): the same bounded poll, on this thread.
+pub fn eventually_blocking<T>(
+    within: Duration,
+    what: &str,
+    condition: impl FnMut() -> Result<T, String>,
+) -> T {
+    poll_blocking(within, condition)
+        .unwrap_or_else(|last| panic!("{what}: not so within {within:?}; last: {last}"))
+}
+
+/// Whether `cond` holds within `within`, for callers that report the failure themselves
+/// (the same poll as [`eventually_blocking`], which panics instead).
+pub fn wait_until(within: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    poll_blocking(within, || cond().then_some(()).ok_or_else(String::new)).is_ok()
+}
+
+/// The one blocking poll loop: every 20 ms until `Ok`, or the last `Err` after `within`.
+fn poll_blocking<T>(
+    within: Duration,
+    mut condition: impl FnMut() -> Result<T, String>,
+) -> Result<T, String> {
+    let deadline = Instant::now() + within;
+    loop {
+        match condition() {
+            Ok(v) => return Ok(v),
+            Err(last) if Instant::now() >= deadline => return Err(last),
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
 pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::aws_lc_rs::default_provider())
 }
@@ -271,10 +303,9 @@ fn spawn_command(dir: tempfile::TempDir, mut cmd: Command) -> RunningProxy {
         logs,
         dir,
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    eventually_blocking(Duration::from_secs(30), "the proxy is ready", || {
         if proxy.find_log(|v| v["message"] == "ready").is_some() {
-            break;
+            return Ok(());
         }
         if let Ok(Some(status)) = proxy.child.try_wait() {
             panic!(
@@ -282,13 +313,8 @@ fn spawn_command(dir: tempfile::TempDir, mut cmd: Command) -> RunningProxy {
                 proxy.log_text()
             );
         }
-        assert!(
-            Instant::now() < deadline,
-            "proxy not ready in 30 s:\n{}",
-            proxy.log_text()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+        Err(proxy.log_text())
+    });
     for v in proxy.logs.lock().unwrap().iter() {
         if v["message"] == "listening" {
             let name = v["listener"].as_str().unwrap().to_owned();

@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
@@ -177,15 +177,16 @@ impl Pebble {
             });
         }
         self.children.push(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !self.log().contains(ready) {
-            assert!(
-                Instant::now() < deadline,
-                "{ready:?} not seen:\n{}",
+        super::eventually_blocking(
+            Duration::from_secs(20),
+            &format!("{ready:?} logged"),
+            || {
                 self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+                    .contains(ready)
+                    .then_some(())
+                    .ok_or_else(|| self.log())
+            },
+        );
     }
 
     pub fn log(&self) -> String {

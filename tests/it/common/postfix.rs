@@ -12,7 +12,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, SystemTime};
 
 const POSTFIX: &str = "/usr/sbin/postfix";
 /// uid/gid of nobody/nogroup on Debian; the virtual(8) agent writes the Maildir as this user.
@@ -479,19 +479,7 @@ pub fn group_alive(pgid: u32) -> bool {
         })
 }
 
-/// Polls `cond` every 50 ms until it holds (true) or `timeout` passes (false).
-pub fn wait_until(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond() {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+pub use super::wait_until;
 
 /// The proxy-facing smtpd parameters, from the file the deployment examples also use.
 pub const PROXY_PORT_CF: &str = include_str!("../../../containers/postfix/proxy-port.cf");
