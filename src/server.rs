@@ -345,3 +345,61 @@ fn adopt(snapshot: &Snapshot, health: &Arc<Health>, acme: &AcmeManager) {
     health.sync(snapshot);
     acme.sync(&acme_specs(snapshot), &crate::tls::provider());
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `run` is driven by values, as tests want it: a reload request reloads (the listener
+    /// set follows the file) and the shutdown future drains and returns; no signal sent.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn run_reloads_on_request_and_drains_on_shutdown_without_signals() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("proxy.yaml");
+        let yaml = |extra: &str| {
+            format!(
+                "upstreams:\n  mta: {{ address: \"127.0.0.1:9\", health_interval: 1h }}\n\
+                 certificates:\n  - self_signed: [mx.test]\n\
+                 listeners:\n  first: {{ listen: \"127.0.0.1:0\", mode: implicit, hostname: mx.test, upstream: mta }}\n{extra}"
+            )
+        };
+        std::fs::write(&path, yaml("")).unwrap();
+        let acme = Arc::new(AcmeManager::default());
+        let snapshot = crate::snapshot::read_config(&path)
+            .and_then(|c| crate::snapshot::build(c, &acme, None))
+            .unwrap();
+        let start = Start::bind(acme, snapshot).unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (reload_tx, reload_rx) = mpsc::unbounded_channel();
+        let triggers = Triggers {
+            shutdown: Box::pin(async move {
+                let _ = stopped.await;
+            }),
+            reload: reload_rx,
+        };
+        let task = tokio::spawn(run(start, triggers));
+        let second = "listener=\"second_by_request\"";
+        assert!(!metrics().encode().contains(second));
+        std::fs::write(
+            &path,
+            yaml("  second_by_request: { listen: \"127.0.0.1:0\", mode: implicit, hostname: mx.test, upstream: mta }\n"),
+        )
+        .unwrap();
+        reload_tx.send(()).unwrap();
+        // The new listener's series exist once the reload built its snapshot.
+        let mut seen = false;
+        for _ in 0..500 {
+            if metrics().encode().contains(second) {
+                seen = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(seen, "the requested reload built the new listener");
+        stop.send(()).unwrap();
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("drained and returned")
+            .unwrap();
+    }
+}
