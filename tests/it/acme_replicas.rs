@@ -228,6 +228,36 @@ impl Cluster {
             .count()
     }
 
+    /// Orders Pebble received (its "Added order" lines).
+    fn pebble_orders(&self) -> usize {
+        self.pebble.log().matches("Added order").count()
+    }
+
+    /// Seconds from the first replica serving a new certificate (`deployed` by the holder)
+    /// to the last one loading it from the store: how long replicas serve different keys.
+    fn spread_s(&self, nth: usize) -> f64 {
+        let at = |v: &serde_json::Value| {
+            humantime::parse_rfc3339_weak(v["timestamp"].as_str().unwrap().trim_end_matches('Z'))
+                .unwrap()
+        };
+        let mut times = Vec::new();
+        for (_, r) in self.live() {
+            let line = r
+                .logs()
+                .into_iter()
+                .filter(|v| {
+                    v["message"] == "acme certificate deployed"
+                        || v["message"] == "acme certificate loaded from the store"
+                })
+                .nth(nth - 1)
+                .expect("each replica serves the new certificate");
+            times.push(at(&line));
+        }
+        let first = times.iter().min().unwrap();
+        let last = times.iter().max().unwrap();
+        last.duration_since(*first).unwrap().as_secs_f64()
+    }
+
     /// Pebble's count of accounts it created and of invalid authorizations.
     fn pebble_counts(&self) -> (usize, usize) {
         let log = self.pebble.log();
@@ -260,6 +290,17 @@ async fn three_replicas_behind_round_robin_obtain_one_certificate_and_renew_it_o
     let (accounts, invalid) = c.pebble_counts();
     assert_eq!(accounts, 1, "one account at Pebble:\n{}", c.pebble.log());
     assert_eq!(invalid, 0, "no failed validation:\n{}", c.pebble.log());
+    assert_eq!(
+        c.pebble_orders(),
+        1,
+        "one order at Pebble:\n{}",
+        c.pebble.log()
+    );
+    let spread = c.spread_s(1);
+    assert!(
+        spread <= 5.0,
+        "replicas served different certificates for {spread} s"
+    );
     // Pebble's validators came through the balancer: more than one replica answered.
     let answered = c
         .live()
@@ -276,6 +317,16 @@ async fn three_replicas_behind_round_robin_obtain_one_certificate_and_renew_it_o
     assert_eq!(c.events("ordered").await, 2.0, "one order for the renewal");
     assert_eq!(c.events("failed").await, 0.0);
     assert_eq!(c.pebble_counts(), (1, 0));
+    assert_eq!(c.pebble_orders(), 2, "one order for the renewal at Pebble");
+    let spread = c.spread_s(2);
+    assert!(
+        spread <= 5.0,
+        "replicas served different certificates for {spread} s"
+    );
+    eprintln!(
+        "issuance spread {:.1} s, renewal spread {spread:.1} s",
+        c.spread_s(1)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
