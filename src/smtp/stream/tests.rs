@@ -677,3 +677,29 @@ fn mail_shaped_content_ends_whatever_the_reads() {
         assert_eq!(s.expects.len(), 1, "ended, reads of {read}");
     }
 }
+
+#[test]
+fn every_refusal_is_counted_under_its_own_kind() {
+    let mut s = SmtpStream::new(Path::Plaintext, GuardMode::Normalize);
+    client(
+        &mut s,
+        b"STARTTLS\r\nAUTH PLAIN x\r\nXCLIENT A=1\r\nNOOP\x00\r\nBDAT +1\r\n",
+    );
+    // A line over the bound before its LF arrives: refused as too long.
+    let mut long = b"XFORWARD".to_vec();
+    long.extend_from_slice(&[b' '; 2000]);
+    client(&mut s, &long);
+    client(&mut s, b"\r\n");
+    let refused: Vec<_> = s.refusals().map(|(k, n)| (k.as_str(), n)).collect();
+    assert_eq!(
+        refused,
+        [
+            ("starttls", 1),
+            ("auth", 1),
+            ("xclient_xforward", 1),
+            ("bad_character", 1),
+            ("bdat_syntax", 1),
+            ("line_too_long", 1)
+        ]
+    );
+}
