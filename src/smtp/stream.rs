@@ -107,7 +107,7 @@ enum Action {
     /// Relay it; this many content bytes follow.
     Bdat(u64),
     /// Answer it here with this reply; never relayed.
-    Refuse(&'static [u8]),
+    Refuse(FollowerRefusal),
 }
 
 /// Which way the session reached the follower: the refusals differ.
@@ -361,17 +361,17 @@ impl SmtpStream {
     /// A complete command line (its terminator included).
     fn line_action(&self, line: &[u8]) -> Action {
         let Reading::Command { verb, arg } = command::read(command::strip_terminator(line)) else {
-            return Action::Refuse(BAD_CHAR);
+            return Action::Refuse(FollowerRefusal::BadCharacter);
         };
         match verb {
-            Verb::Starttls => Action::Refuse(self.starttls_reply()),
-            Verb::Auth if self.path == Path::Plaintext => Action::Refuse(AUTH_IN_PLAINTEXT),
-            Verb::Xclient | Verb::Xforward => Action::Refuse(NOT_AUTHORIZED),
+            Verb::Starttls => Action::Refuse(FollowerRefusal::Starttls),
+            Verb::Auth if self.path == Path::Plaintext => Action::Refuse(FollowerRefusal::Auth),
+            Verb::Xclient | Verb::Xforward => Action::Refuse(FollowerRefusal::ProxyExtension),
             Verb::Ehlo | Verb::Helo => Action::Forward(ReplyKind::Ehlo),
             Verb::Data => Action::Data,
             Verb::Bdat => match command::bdat_size(arg) {
                 Some((size, _)) => Action::Bdat(size),
-                None => Action::Refuse(BDAT_SYNTAX),
+                None => Action::Refuse(FollowerRefusal::BdatSyntax),
             },
             _ => Action::Forward(ReplyKind::Other),
         }
@@ -384,24 +384,32 @@ impl SmtpStream {
     /// (all blanks, or one endless word) is refused.
     fn head_action(&self, head: &[u8]) -> Action {
         if head.iter().any(|&b| command::is_control(b)) {
-            return Action::Refuse(BAD_CHAR);
+            return Action::Refuse(FollowerRefusal::BadCharacter);
         }
         match command::head_verb(head) {
             // All blanks, or a first word longer than the head: what it is is not known.
             None | Some(Verb::Starttls | Verb::Xclient | Verb::Xforward | Verb::Bdat) => {
-                Action::Refuse(LINE_TOO_LONG)
+                Action::Refuse(FollowerRefusal::LineTooLong)
             }
-            Some(Verb::Auth) if self.path == Path::Plaintext => Action::Refuse(AUTH_IN_PLAINTEXT),
+            Some(Verb::Auth) if self.path == Path::Plaintext => {
+                Action::Refuse(FollowerRefusal::Auth)
+            }
             Some(Verb::Ehlo | Verb::Helo) => Action::Forward(ReplyKind::Ehlo),
             Some(Verb::Data) => Action::Data,
             Some(_) => Action::Forward(ReplyKind::Other),
         }
     }
 
-    fn starttls_reply(&self) -> &'static [u8] {
-        match self.path {
-            Path::Tls => STARTTLS_IN_TLS,
-            Path::Plaintext => STARTTLS_AFTER_HANDOFF,
+    /// Our reply to a refused command (STARTTLS's depends on the path).
+    fn reply_to(&self, kind: FollowerRefusal) -> &'static [u8] {
+        match kind {
+            FollowerRefusal::Starttls if self.path == Path::Tls => STARTTLS_IN_TLS,
+            FollowerRefusal::Starttls => STARTTLS_AFTER_HANDOFF,
+            FollowerRefusal::Auth => AUTH_IN_PLAINTEXT,
+            FollowerRefusal::ProxyExtension => NOT_AUTHORIZED,
+            FollowerRefusal::BadCharacter => BAD_CHAR,
+            FollowerRefusal::BdatSyntax => BDAT_SYNTAX,
+            FollowerRefusal::LineTooLong => LINE_TOO_LONG,
         }
     }
 
@@ -418,14 +426,11 @@ impl SmtpStream {
                 // `BDAT 0`: the state passes back to commands at the next byte.
                 self.state = State::Bdat(size);
             }
-            Action::Refuse(reply) => {
-                if let Some(i) = FollowerRefusal::ALL
-                    .iter()
-                    .position(|k| *k == refusal(reply))
-                {
+            Action::Refuse(kind) => {
+                if let Some(i) = FollowerRefusal::ALL.iter().position(|k| *k == kind) {
                     self.refused[i] += 1;
                 }
-                self.expects.push_back(Expect::Local(reply));
+                self.expects.push_back(Expect::Local(self.reply_to(kind)));
             }
         }
     }
@@ -495,18 +500,6 @@ impl SmtpStream {
             .zip(self.refused)
             .filter(|(_, n)| *n > 0)
             .map(|(k, n)| (*k, n))
-    }
-}
-
-/// Which kind of refusal a reply of ours is.
-fn refusal(reply: &'static [u8]) -> FollowerRefusal {
-    match reply {
-        r if r == STARTTLS_IN_TLS || r == STARTTLS_AFTER_HANDOFF => FollowerRefusal::Starttls,
-        r if r == AUTH_IN_PLAINTEXT => FollowerRefusal::Auth,
-        r if r == NOT_AUTHORIZED => FollowerRefusal::ProxyExtension,
-        r if r == BAD_CHAR => FollowerRefusal::BadCharacter,
-        r if r == BDAT_SYNTAX => FollowerRefusal::BdatSyntax,
-        _ => FollowerRefusal::LineTooLong,
     }
 }
 
