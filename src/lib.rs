@@ -31,7 +31,11 @@
 //!   hand-off), `guard` (the smuggling guard on DATA content), `ehlo`, `reply`.
 //! - [`tls`] — `cert` (a served certificate and its leaf facts), `store` (certificates by
 //!   name), `resolve` (SNI -> certificate, pure), `accept` (ClientHello -> decision ->
-//!   handshake -> facts), `client_auth`, `upstream` (re-encryption towards the MTA).
+//!   handshake -> facts), `handshake` (TLS 1.3 on rustls' unbuffered connection, sans IO,
+//!   handing over to `record`), `client_auth`, `upstream` (re-encryption towards the MTA).
+//! - [`record`] — the TLS 1.3 record layer of established client sessions, sans IO:
+//!   `layer` (open in place, seal, alerts, KeyUpdate), `stream` (`OwnTls`, its
+//!   `AsyncRead`/`AsyncWrite` over the socket with one buffer per thread).
 //! - [`acme`] — tls-alpn-01 certificates, obtained and renewed while running: `order` (the
 //!   client loop of each replica), `store` (the directory replicas share, with its lock).
 //!   It implements `tls::store::ManagedCert`; `tls` does not import `acme`.
@@ -80,6 +84,7 @@ pub(crate) mod io;
 pub(crate) mod listener;
 pub(crate) mod metrics;
 pub(crate) mod proxy_header;
+pub(crate) mod record;
 pub(crate) mod relay;
 pub mod server;
 pub(crate) mod session;

@@ -268,6 +268,8 @@ fn listener_tls(
         config.send_tls13_tickets = 0;
     }
     config.session_storage = resumption.cache.clone();
+    // TLS 1.3 sessions leave rustls after the handshake for our record layer (`record`).
+    config.enable_secret_extraction = true;
     Ok((
         ListenerTls {
             config: Arc::new(config),

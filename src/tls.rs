@@ -4,11 +4,12 @@
 pub(crate) mod accept;
 pub(crate) mod cert;
 pub(crate) mod client_auth;
+pub(crate) mod handshake;
 pub(crate) mod resolve;
 pub(crate) mod store;
 pub(crate) mod upstream;
 
-pub(crate) use accept::{HandshakeFailure, ListenerTls, TlsFacts, accept};
+pub(crate) use accept::{HandshakeFailure, ListenerTls, ServerTls, TlsFacts, accept};
 pub(crate) use store::CertStore;
 
 use std::sync::Arc;

@@ -5,8 +5,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::tls::ServerTls;
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio_rustls::server::TlsStream;
 
 use super::ClientStream;
 use super::report::{Facts, Outcome, Phase, SessionReport, Transport};
@@ -196,7 +196,7 @@ impl<S: ClientStream> Session<S> {
     pub(crate) async fn into_tls(
         self,
         transport: Transport,
-    ) -> Result<Session<Box<TlsStream<S>>>, Finished> {
+    ) -> Result<Session<Box<ServerTls<S>>>, Finished> {
         let Self { io, mut facts } = self;
         let l = facts.listener.clone();
         let result = crate::tls::accept(io, &l.tls, l.config.limits.handshake_timeout).await;
