@@ -118,6 +118,10 @@ const MAX_HELLO: usize = 0x1_0000 + 4096;
 /// An established client session: TLS 1.3 on our record layer, TLS 1.2 (and nothing
 /// else) on tokio-rustls, which replays the ClientHello we peeked.
 #[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "the large variant is the common one; the session boxes the whole enum"
+)]
 pub(crate) enum ServerTls<IO> {
     Own(OwnTls<IO>),
     /// Boxed: an idle TLS 1.3 session should not carry a rustls connection's size.
