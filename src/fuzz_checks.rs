@@ -10,6 +10,7 @@ mod ehlo;
 mod follower;
 mod proxy;
 mod proxy_outbound;
+mod record;
 
 pub use config::check_config;
 pub use dialogue::check_dialogue;
@@ -17,6 +18,7 @@ pub use ehlo::check_ehlo_filter;
 pub use follower::check_follower;
 pub use proxy::check_proxy_inbound;
 pub use proxy_outbound::check_proxy_outbound;
+pub use record::check_record;
 
 /// Structured values read off the fuzz input; past its end every read is zero or empty.
 struct Input<'a>(&'a [u8]);

@@ -451,14 +451,22 @@ impl RecordLayer {
         out: &mut Vec<u8>,
     ) -> Result<(), Fatal> {
         let start = out.len();
-        let len = content.len() + 1 + TAG;
+        out.extend_from_slice(&[CT_APPLICATION_DATA, 0x03, 0x03, 0, 0]);
+        out.extend_from_slice(content);
+        out.push(content_type);
+        self.seal_from(start, out)
+    }
+
+    /// Seals `out[start + HEADER..]` (the inner plaintext) as one record whose header
+    /// waits at `out[start..]`.
+    fn seal_from(&mut self, start: usize, out: &mut Vec<u8>) -> Result<(), Fatal> {
+        let len = out.len() - start - HEADER + TAG;
         let [hi, lo] = u16::try_from(len)
             .map_err(|_| refuse(alert::INTERNAL_ERROR, "record too large to seal"))?
             .to_be_bytes();
+        out[start + 3] = hi;
+        out[start + 4] = lo;
         let header = [CT_APPLICATION_DATA, 0x03, 0x03, hi, lo];
-        out.extend_from_slice(&header);
-        out.extend_from_slice(content);
-        out.push(content_type);
         let tag = self
             .tx
             .key
@@ -470,5 +478,79 @@ impl RecordLayer {
             .map_err(|_| refuse(alert::INTERNAL_ERROR, "sealing failed"))?;
         out.extend_from_slice(tag.as_ref());
         self.tx.advance()
+    }
+}
+
+/// A peer for tests and the fuzz target: fixed AES-256-GCM keys and a stand-in key
+/// schedule, so records of any shape can be sealed for the layer under test.
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) mod peer {
+    use super::{Fatal, Keys, RecordLayer, Rekey};
+    use rustls::ConnectionTrafficSecrets;
+    use rustls::crypto::cipher::{AeadKey, Iv};
+
+    /// Generation `n` of the keys one direction uses (0: client to server).
+    fn keys(direction: u8, generation: u8) -> Keys {
+        let secrets = ConnectionTrafficSecrets::Aes256Gcm {
+            key: AeadKey::from([direction.wrapping_mul(31) ^ generation; 32]),
+            iv: Iv::new([generation.wrapping_add(direction); 12]),
+        };
+        Keys::new(secrets).expect("AES-256-GCM")
+    }
+
+    struct Ladder {
+        rx: (u8, u8),
+        tx: (u8, u8),
+    }
+
+    impl Rekey for Ladder {
+        fn next_rx(&mut self) -> Result<Keys, Fatal> {
+            self.rx.1 = self.rx.1.wrapping_add(1);
+            Ok(keys(self.rx.0, self.rx.1))
+        }
+
+        fn next_tx(&mut self) -> Result<Keys, Fatal> {
+            self.tx.1 = self.tx.1.wrapping_add(1);
+            Ok(keys(self.tx.0, self.tx.1))
+        }
+    }
+
+    /// (client, server), each sealing what the other opens; `limit` is the server's
+    /// records per key.
+    pub(crate) fn pair(limit: u64) -> (RecordLayer, RecordLayer) {
+        let layer = |rx: u8, tx: u8, limit| {
+            let ladder = Ladder {
+                rx: (rx, 0),
+                tx: (tx, 0),
+            };
+            RecordLayer::new((0, keys(rx, 0)), (0, keys(tx, 0)), Box::new(ladder), limit)
+                .expect("fixed keys")
+        };
+        (layer(1, 0, u64::MAX), layer(0, 1, limit))
+    }
+
+    impl RecordLayer {
+        /// Records sealed under one key before we update it ourselves.
+        #[cfg(test)]
+        pub(crate) fn set_tx_limit(&mut self, records: u64) {
+            self.tx_limit = records;
+        }
+
+        /// Seals `inner` (content, content type, padding: anything) as one record.
+        pub(crate) fn seal_inner(&mut self, inner: &[u8], out: &mut Vec<u8>) {
+            let start = out.len();
+            out.extend_from_slice(&[super::CT_APPLICATION_DATA, 0x03, 0x03, 0, 0]);
+            out.extend_from_slice(inner);
+            self.seal_from(start, out).expect("sealable");
+        }
+
+        /// Sends a KeyUpdate and switches to the next send key, as a client would.
+        pub(crate) fn seal_key_update(&mut self, requested: bool, out: &mut Vec<u8>) {
+            let message = [super::HS_KEY_UPDATE, 0, 0, 1, u8::from(requested)];
+            self.seal_record(super::CT_HANDSHAKE, &message, out)
+                .expect("sealable");
+            let keys = self.rekey.next_tx().expect("ladder");
+            self.tx = keys.into_direction(0).expect("fixed keys");
+        }
     }
 }

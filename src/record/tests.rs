@@ -1,1 +1,503 @@
+//! The record layer against rustls itself (the differential test: a rustls client and our
+//! layer exchange a corpus at every split point, both directions, with and without key
+//! updates), one negative test per rejection, and the `OwnTls` façade over a real pipe.
 
+use std::io::{Read, Write};
+use std::sync::Arc;
+
+use rustls::{ClientConfig, ClientConnection, ServerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::layer::{Fatal, MAX_PLAINTEXT, Opened, RecordLayer, alert, peer};
+use super::stream::OwnTls;
+use crate::tls::handshake::{Handshake, Step};
+
+fn configs(
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["mail.example.test".to_owned()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let der = cert.der().clone();
+    let provider = crate::tls::provider();
+    let mut server = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![der.clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    server.enable_secret_extraction = true;
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(der).unwrap();
+    let client = ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    (Arc::new(server), Arc::new(client))
+}
+
+/// Moves what the client wants to send into `to`.
+fn client_out(client: &mut ClientConnection, to: &mut Vec<u8>) {
+    while client.wants_write() {
+        client.write_tls(to).unwrap();
+    }
+}
+
+/// Gives the client `bytes` in reads cut as `cut` says, and returns the plaintext.
+fn client_in(client: &mut ClientConnection, bytes: &[u8], cut: usize) -> Vec<u8> {
+    let mut plain = Vec::new();
+    for chunk in bytes.chunks(cut.max(1)) {
+        let mut rest = chunk;
+        while !rest.is_empty() {
+            client.read_tls(&mut rest).unwrap();
+            client.process_new_packets().unwrap();
+            let _ = client.reader().read_to_end(&mut plain);
+        }
+    }
+    plain
+}
+
+/// A whole TLS 1.3 handshake in memory: a rustls client and our sans-IO driver.
+fn established() -> (ClientConnection, RecordLayer) {
+    let (server, client) = configs(&[&rustls::version::TLS13]);
+    let mut client =
+        ClientConnection::new(client, "mail.example.test".try_into().unwrap()).unwrap();
+    let mut hs = Handshake::new(server, Vec::new()).unwrap();
+    for _ in 0..20 {
+        match hs.step().unwrap() {
+            Step::Send => {
+                let out = std::mem::take(hs.outgoing());
+                client_in(&mut client, &out, out.len());
+            }
+            Step::Read => client_out(&mut client, hs.incoming()),
+            Step::Done => return (client, hs.finish().unwrap().layer),
+            Step::Tls12 => panic!("TLS 1.2 negotiated"),
+        }
+    }
+    panic!("handshake did not finish");
+}
+
+/// Feeds `bytes` to the layer as the façade does (tail room first), cut at `cut`.
+fn server_in(layer: &mut RecordLayer, bytes: &[u8], cut: usize) -> Result<(Vec<u8>, bool), Fatal> {
+    let mut plain = Vec::new();
+    let mut closed = false;
+    for chunk in bytes.chunks(cut.max(1)) {
+        let kept = layer.tail_len();
+        let mut buf = vec![0u8; kept + chunk.len()];
+        buf[kept..].copy_from_slice(chunk);
+        let Opened {
+            plain: n,
+            closed: c,
+        } = layer.open(&mut buf)?;
+        plain.extend_from_slice(&buf[..n]);
+        closed |= c;
+    }
+    Ok((plain, closed))
+}
+
+/// Messages of the sizes a mail session produces, and the record-size edges.
+fn corpus() -> Vec<Vec<u8>> {
+    [
+        1,
+        6,
+        78,
+        1000,
+        MAX_PLAINTEXT - 1,
+        MAX_PLAINTEXT,
+        MAX_PLAINTEXT + 1,
+        40_000,
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, &n)| (0..n).map(|j| (i * 7 + j) as u8).collect())
+    .collect()
+}
+
+const CUTS: [usize; 10] = [1, 2, 3, 5, 7, 13, 64, 16_389, 16_390, 100_000];
+
+#[test]
+fn client_to_server_every_cut_with_and_without_key_update() {
+    for key_update in [false, true] {
+        for cut in CUTS {
+            let (mut client, mut layer) = established();
+            let mut wire = Vec::new();
+            let mut sent = Vec::new();
+            for (i, m) in corpus().iter().enumerate() {
+                if key_update && i % 3 == 1 {
+                    client.refresh_traffic_keys().unwrap();
+                }
+                client.writer().write_all(m).unwrap();
+                sent.extend_from_slice(m);
+                client_out(&mut client, &mut wire);
+            }
+            let (got, closed) = server_in(&mut layer, &wire, cut).unwrap();
+            assert_eq!(got.len(), sent.len(), "cut {cut} key_update {key_update}");
+            assert!(got == sent, "cut {cut}: content differs");
+            assert!(!closed);
+            assert_eq!(layer.tail_len(), 0);
+            // A requested KeyUpdate is answered; the client reads us under the new key.
+            assert_eq!(layer.owes_record(), key_update);
+            let mut out = Vec::new();
+            layer.seal(b"250 ok\r\n", &mut out).unwrap();
+            assert_eq!(client_in(&mut client, &out, cut), b"250 ok\r\n");
+        }
+    }
+}
+
+#[test]
+fn client_to_server_split_once_at_every_point() {
+    let (mut client, _) = established();
+    let mut wire = Vec::new();
+    client.writer().write_all(b"EHLO a\r\n").unwrap();
+    client.refresh_traffic_keys().unwrap();
+    client.writer().write_all(b"MAIL FROM:<>\r\n").unwrap();
+    client_out(&mut client, &mut wire);
+    drop(client);
+    for at in 0..=wire.len() {
+        // Same keys each time: a fresh handshake per split point.
+        let (mut client, mut layer) = established();
+        let mut wire = Vec::new();
+        client.writer().write_all(b"EHLO a\r\n").unwrap();
+        client.refresh_traffic_keys().unwrap();
+        client.writer().write_all(b"MAIL FROM:<>\r\n").unwrap();
+        client_out(&mut client, &mut wire);
+        let at = at.min(wire.len());
+        let (mut got, _) = server_in(&mut layer, &wire[..at], usize::MAX).unwrap();
+        let (rest, _) = server_in(&mut layer, &wire[at..], usize::MAX).unwrap();
+        got.extend_from_slice(&rest);
+        assert_eq!(got, b"EHLO a\r\nMAIL FROM:<>\r\n", "split at {at}");
+    }
+}
+
+#[test]
+fn server_to_client_every_cut_and_our_own_key_updates() {
+    for cut in CUTS {
+        let (mut client, mut layer) = established();
+        // Update our send key every two records, as the confidentiality limit would.
+        layer.set_tx_limit(2);
+        let mut out = Vec::new();
+        let mut sent = Vec::new();
+        for m in corpus() {
+            layer.seal(&m, &mut out).unwrap();
+            sent.extend_from_slice(&m);
+        }
+        let got = client_in(&mut client, &out, cut);
+        assert!(
+            got == sent,
+            "cut {cut}: {} of {} bytes",
+            got.len(),
+            sent.len()
+        );
+    }
+}
+
+#[test]
+fn close_notify_ends_the_read_side_and_bytes_after_it_are_ignored() {
+    let (mut client, mut layer) = established();
+    let mut wire = Vec::new();
+    client.writer().write_all(b"QUIT\r\n").unwrap();
+    client.send_close_notify();
+    client_out(&mut client, &mut wire);
+    wire.extend_from_slice(b"junk after close_notify");
+    let (got, closed) = server_in(&mut layer, &wire, usize::MAX).unwrap();
+    assert_eq!(got, b"QUIT\r\n");
+    assert!(closed);
+    assert_eq!(layer.tail_len(), 0);
+}
+
+fn refused(wire: &[u8], layer: &mut RecordLayer) -> (Vec<u8>, Fatal) {
+    let kept = layer.tail_len();
+    let mut buf = vec![0u8; kept + wire.len()];
+    buf[kept..].copy_from_slice(wire);
+    let err = layer.open(&mut buf).expect_err("refused");
+    (buf, err)
+}
+
+fn alert_of(f: Fatal) -> u8 {
+    match f {
+        Fatal::Send { alert, .. } => alert,
+        Fatal::Received(a) => panic!("received {a}"),
+    }
+}
+
+#[test]
+fn a_tampered_record_is_refused_with_bad_record_mac_and_releases_nothing() {
+    let (mut client, mut layer) = established();
+    let mut wire = Vec::new();
+    client.writer().write_all(b"AUTH PLAIN secret\r\n").unwrap();
+    client_out(&mut client, &mut wire);
+    let last = wire.len() - 1;
+    wire[last] ^= 1;
+    let (buf, err) = refused(&wire, &mut layer);
+    assert_eq!(alert_of(err), alert::BAD_RECORD_MAC);
+    assert!(
+        !buf.windows(6).any(|w| w == b"secret"),
+        "plaintext left in the buffer"
+    );
+}
+
+#[test]
+fn each_malformed_record_gets_its_alert() {
+    type Make = Box<dyn Fn(&mut RecordLayer, &mut Vec<u8>)>;
+    let cases: Vec<(&str, Make, u8)> = vec![
+        (
+            "plaintext handshake record",
+            Box::new(|_, w| w.extend_from_slice(&[22, 3, 3, 0, 1, 0])),
+            alert::UNEXPECTED_MESSAGE,
+        ),
+        (
+            "bad record version",
+            Box::new(|_, w| w.extend_from_slice(&[23, 2, 0, 0, 17])),
+            alert::DECODE_ERROR,
+        ),
+        (
+            "length over 2^14 + 256",
+            Box::new(|_, w| w.extend_from_slice(&[23, 3, 3, 0x41, 0x01])),
+            alert::RECORD_OVERFLOW,
+        ),
+        (
+            "no content type",
+            Box::new(|c, w| c.seal_inner(&[0, 0, 0], w)),
+            alert::UNEXPECTED_MESSAGE,
+        ),
+        (
+            "empty inner plaintext",
+            Box::new(|c, w| c.seal_inner(&[], w)),
+            alert::UNEXPECTED_MESSAGE,
+        ),
+        (
+            "unknown content type",
+            Box::new(|c, w| c.seal_inner(b"x\x63", w)),
+            alert::UNEXPECTED_MESSAGE,
+        ),
+        (
+            "plaintext over 2^14",
+            Box::new(|c, w| {
+                let mut inner = vec![b'a'; MAX_PLAINTEXT + 1];
+                inner.push(23);
+                c.seal_inner(&inner, w);
+            }),
+            alert::RECORD_OVERFLOW,
+        ),
+        (
+            "empty handshake record",
+            Box::new(|c, w| c.seal_inner(&[22], w)),
+            alert::UNEXPECTED_MESSAGE,
+        ),
+        (
+            "handshake message other than KeyUpdate",
+            Box::new(|c, w| c.seal_inner(&[4, 0, 0, 1, 0, 22], w)),
+            alert::UNEXPECTED_MESSAGE,
+        ),
+        (
+            "KeyUpdate not at the end of its record",
+            Box::new(|c, w| c.seal_inner(&[24, 0, 0, 1, 0, 24, 22], w)),
+            alert::UNEXPECTED_MESSAGE,
+        ),
+        (
+            "KeyUpdate of the wrong length",
+            Box::new(|c, w| c.seal_inner(&[24, 0, 0, 2, 22], w)),
+            alert::DECODE_ERROR,
+        ),
+        (
+            "KeyUpdate request_update 2",
+            Box::new(|c, w| c.seal_inner(&[24, 0, 0, 1, 2, 22], w)),
+            alert::ILLEGAL_PARAMETER,
+        ),
+        (
+            "application data inside a split KeyUpdate",
+            Box::new(|c, w| {
+                c.seal_inner(&[24, 0, 22], w);
+                c.seal_inner(b"data\x17", w);
+            }),
+            alert::UNEXPECTED_MESSAGE,
+        ),
+        (
+            "alert inside a split KeyUpdate",
+            Box::new(|c, w| {
+                c.seal_inner(&[24, 0, 22], w);
+                c.seal_inner(&[1, 0, 21], w);
+            }),
+            alert::UNEXPECTED_MESSAGE,
+        ),
+        (
+            "alert of the wrong length",
+            Box::new(|c, w| c.seal_inner(&[2, 40, 0, 21], w)),
+            alert::DECODE_ERROR,
+        ),
+    ];
+    for (name, make, want) in cases {
+        let (mut client, mut server) = peer::pair(u64::MAX);
+        let mut wire = Vec::new();
+        make(&mut client, &mut wire);
+        let (_, err) = refused(&wire, &mut server);
+        assert_eq!(alert_of(err), want, "{name}: {err}");
+    }
+}
+
+#[test]
+fn a_split_key_update_and_padding_and_empty_records_are_accepted() {
+    let (mut client, mut server) = peer::pair(u64::MAX);
+    let mut wire = Vec::new();
+    client.seal_inner(b"EHLO\x17\0\0\0\0", &mut wire);
+    client.seal_inner(&[23], &mut wire);
+    client.seal_inner(&[24, 0, 22], &mut wire);
+    client.seal_inner(&[0, 1, 1, 22, 0, 0], &mut wire);
+    // The next record is under the client's next key, as after its KeyUpdate.
+    let mut next = Vec::new();
+    client.seal_key_update(false, &mut next);
+    client.seal(b" a\r\n", &mut wire).unwrap();
+    let (got, _) = server_in(&mut server, &wire, usize::MAX).unwrap();
+    assert_eq!(got, b"EHLO a\r\n");
+    assert!(server.owes_record());
+}
+
+#[test]
+fn fatal_alert_from_the_peer_ends_the_session_user_canceled_does_not() {
+    let (mut client, mut server) = peer::pair(u64::MAX);
+    let mut wire = Vec::new();
+    client.seal_alert(alert::USER_CANCELED, &mut wire).unwrap();
+    client.seal(b"x", &mut wire).unwrap();
+    assert_eq!(server_in(&mut server, &wire, usize::MAX).unwrap().0, b"x");
+    let mut wire = Vec::new();
+    client.seal_alert(40, &mut wire).unwrap();
+    let (_, err) = refused(&wire, &mut server);
+    assert_eq!(err, Fatal::Received(40));
+}
+
+#[test]
+fn tls12_is_left_to_rustls_before_anything_is_sent() {
+    let (server, _) = configs(&[&rustls::version::TLS13, &rustls::version::TLS12]);
+    let (_, client) = configs(&[&rustls::version::TLS12]);
+    let mut client =
+        ClientConnection::new(client, "mail.example.test".try_into().unwrap()).unwrap();
+    let mut hello = Vec::new();
+    client_out(&mut client, &mut hello);
+    let mut hs = Handshake::new(server, hello).unwrap();
+    assert_eq!(hs.step().unwrap(), Step::Tls12);
+}
+
+/// The façade over a real pipe: the client side is rustls, moved by hand.
+async fn facade(
+    capacity: usize,
+) -> (
+    ClientConnection,
+    OwnTls<tokio::io::DuplexStream>,
+    tokio::io::DuplexStream,
+) {
+    let (client, layer) = established();
+    let (ours, theirs) = tokio::io::duplex(capacity);
+    (client, OwnTls::new(ours, layer, Vec::new()), theirs)
+}
+
+#[tokio::test]
+async fn facade_tampered_record_is_an_error_and_the_client_gets_bad_record_mac() {
+    let (mut client, mut tls, mut pipe) = facade(1 << 20).await;
+    let mut wire = Vec::new();
+    client.writer().write_all(b"RCPT TO:<a@b>\r\n").unwrap();
+    client_out(&mut client, &mut wire);
+    wire[10] ^= 0x80;
+    pipe.write_all(&wire).await.unwrap();
+    let mut buf = [0u8; 64];
+    let err = tls.read(&mut buf).await.expect_err("refused");
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    assert_eq!(
+        tls.read(&mut buf).await.unwrap_err().kind(),
+        std::io::ErrorKind::InvalidData
+    );
+    let mut back = vec![0u8; 256];
+    let n = pipe.read(&mut back).await.unwrap();
+    let mut rest = &back[..n];
+    client.read_tls(&mut rest).unwrap();
+    let e = client.process_new_packets().expect_err("alert");
+    assert_eq!(
+        e,
+        rustls::Error::AlertReceived(rustls::AlertDescription::BadRecordMac)
+    );
+}
+
+#[tokio::test]
+async fn facade_end_without_close_notify_is_a_truncation() {
+    let (mut client, mut tls, mut pipe) = facade(1 << 20).await;
+    let mut wire = Vec::new();
+    client.writer().write_all(b"DATA\r\n").unwrap();
+    client_out(&mut client, &mut wire);
+    pipe.write_all(&wire[..wire.len() - 3]).await.unwrap();
+    drop(pipe);
+    let mut buf = [0u8; 64];
+    let err = tls.read(&mut buf).await.expect_err("truncated");
+    assert_eq!(err.kind(), std::io::ErrorKind::UnexpectedEof);
+}
+
+#[tokio::test]
+async fn facade_close_notify_both_ways() {
+    let (mut client, mut tls, mut pipe) = facade(1 << 20).await;
+    let mut wire = Vec::new();
+    client.writer().write_all(b"QUIT\r\n").unwrap();
+    client.send_close_notify();
+    client_out(&mut client, &mut wire);
+    pipe.write_all(&wire).await.unwrap();
+    let mut got = Vec::new();
+    tls.read_to_end(&mut got).await.unwrap();
+    assert_eq!(got, b"QUIT\r\n");
+    tls.write_all(b"221 bye\r\n").await.unwrap();
+    tls.shutdown().await.unwrap();
+    let mut back = Vec::new();
+    pipe.read_to_end(&mut back).await.unwrap();
+    let mut rest = &back[..];
+    while !rest.is_empty() {
+        client.read_tls(&mut rest).unwrap();
+        client.process_new_packets().unwrap();
+    }
+    let mut plain = Vec::new();
+    // Ok(0), not an error: rustls saw our close_notify.
+    assert_eq!(client.reader().read_to_end(&mut plain).unwrap(), 9);
+    assert_eq!(plain, b"221 bye\r\n");
+}
+
+#[tokio::test]
+async fn facade_small_reads_and_a_slow_reader_lose_nothing() {
+    // A 97-byte pipe: every write of ours is partial and waits in `out`.
+    let (mut client, tls, pipe) = facade(97).await;
+    let (mut pipe_rd, mut pipe_wr) = tokio::io::split(pipe);
+    let big: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
+    let writer = {
+        let big = big.clone();
+        tokio::spawn(async move {
+            let mut tls = tls;
+            tls.write_all(&big).await.unwrap();
+            tls.flush().await.unwrap();
+            tls
+        })
+    };
+    let mut plain = Vec::new();
+    let mut buf = [0u8; 4096];
+    while plain.len() < big.len() {
+        let n = pipe_rd.read(&mut buf).await.unwrap();
+        assert!(n > 0, "the pipe closed early");
+        plain.extend(client_in(&mut client, &buf[..n], n));
+    }
+    assert!(plain == big, "content differs");
+    let mut tls = writer.await.unwrap();
+    // Reads with a one-byte buffer get every byte (the plaintext kept in `plain`).
+    let mut wire = Vec::new();
+    client
+        .writer()
+        .write_all(b"EHLO small.example\r\n")
+        .unwrap();
+    client_out(&mut client, &mut wire);
+    pipe_wr.write_all(&wire).await.unwrap();
+    let mut got = Vec::new();
+    let mut one = [0u8; 1];
+    while got.len() < 20 {
+        assert_eq!(tls.read(&mut one).await.unwrap(), 1);
+        got.push(one[0]);
+    }
+    assert_eq!(got, b"EHLO small.example\r\n");
+}

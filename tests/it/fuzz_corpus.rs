@@ -63,3 +63,8 @@ fn proxy_outbound_corpus_keeps_its_invariants() {
 fn config_corpus_keeps_its_invariants() {
     replay("config", fuzz_checks::check_config);
 }
+
+#[test]
+fn record_corpus_keeps_its_invariants() {
+    replay("record", fuzz_checks::check_record);
+}
