@@ -43,16 +43,29 @@ thread_local! {
 fn read_into<'a, R: AsyncRead + AsyncWrite + Unpin>(
     r: &'a mut R,
     out: &'a mut Vec<u8>,
-) -> ReadInto<'a, R> {
-    ReadInto { r, out }
+) -> ReadWith<'a, R, impl FnMut(&[u8]) + 'a> {
+    ReadWith {
+        r,
+        take: |bytes: &[u8]| out.extend_from_slice(bytes),
+    }
 }
 
-struct ReadInto<'a, R> {
+/// Reads once from `r` through the thread's scratch buffer and hands what arrived to
+/// `take` while the scratch is still borrowed: the relay runs the SMTP follower on it
+/// there, so client bytes are not first copied into a session buffer.
+fn read_with<R: AsyncRead + AsyncWrite + Unpin, F: FnMut(&[u8])>(
+    r: &mut R,
+    take: F,
+) -> ReadWith<'_, R, F> {
+    ReadWith { r, take }
+}
+
+struct ReadWith<'a, R, F> {
     r: &'a mut R,
-    out: &'a mut Vec<u8>,
+    take: F,
 }
 
-impl<R: AsyncRead + AsyncWrite + Unpin> Future for ReadInto<'_, R> {
+impl<R: AsyncRead + AsyncWrite + Unpin, F: FnMut(&[u8]) + Unpin> Future for ReadWith<'_, R, F> {
     type Output = io::Result<usize>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
@@ -69,7 +82,7 @@ impl<R: AsyncRead + AsyncWrite + Unpin> Future for ReadInto<'_, R> {
                 return Poll::Pending;
             }
             ready!(read)?;
-            this.out.extend_from_slice(buf.filled());
+            (this.take)(buf.filled());
             Poll::Ready(Ok(buf.filled().len()))
         })
     }
@@ -188,7 +201,11 @@ where
         }
         let read_client = client_open && held.is_empty() && smtp.wants_client_input();
         tokio::select! {
-            r = read_into(client, &mut held), if read_client => match r {
+            r = read_with(client, |bytes: &[u8]| {
+                // `held` is empty here: what the follower does not take now waits there.
+                let n = smtp.client_bytes(bytes, &mut to_upstream, &mut to_client);
+                held.extend_from_slice(&bytes[n..]);
+            }), if read_client => match r {
                 Ok(0) => {
                     client_open = false;
                     report.client_close = Some(ClientClose::Clean);

@@ -164,7 +164,9 @@ impl Direction {
 /// What one `open` released.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Opened {
-    /// Application data now at the front of the buffer.
+    /// Application data written to the front of `out`.
+    pub direct: usize,
+    /// Application data now at the front of the buffer (after what went to `out`).
     pub plain: usize,
     /// The peer's close_notify arrived: nothing more will be read.
     pub closed: bool,
@@ -234,12 +236,15 @@ impl RecordLayer {
     }
 
     /// Opens every complete record in `buf`, whose first `tail_len()` bytes are room for
-    /// the kept tail (copied in here) and whose rest was just read. Application data ends
-    /// packed at the front of `buf`; an incomplete last record is kept for the next call.
-    pub(crate) fn open(&mut self, buf: &mut [u8]) -> Result<Opened, Fatal> {
+    /// the kept tail (copied in here) and whose rest was just read. Application data is
+    /// decrypted straight into `out` while the next record fits there (`Opened::direct`),
+    /// then in place, packed at the front of `buf` (`Opened::plain`); an incomplete last
+    /// record is kept for the next call. On an error, nothing written is application data.
+    pub(crate) fn open(&mut self, buf: &mut [u8], out: &mut [u8]) -> Result<Opened, Fatal> {
         let kept = self.tail.len();
         buf[..kept].copy_from_slice(&self.tail);
         let mut read = 0;
+        let mut direct = 0;
         let mut plain = 0;
         while !self.read_closed {
             let rest = &buf[read..];
@@ -259,16 +264,41 @@ impl RecordLayer {
             if len > MAX_CIPHERTEXT {
                 return Err(refuse(alert::RECORD_OVERFLOW, "record too large"));
             }
+            if len < TAG {
+                return Err(refuse(alert::BAD_RECORD_MAC, "record shorter than its tag"));
+            }
             if rest.len() < HEADER + len {
                 break;
             }
             let aad: [u8; HEADER] = [header[0], header[1], header[2], header[3], header[4]];
-            let body = &mut buf[read + HEADER..read + HEADER + len];
-            let opened = self
-                .rx
-                .key
-                .open_in_place(self.rx.nonce(), Aad::from(aad), body)
-                .map_err(|_| refuse(alert::BAD_RECORD_MAC, "record failed authentication"))?;
+            let start = read + HEADER;
+            let inner = len - TAG;
+            // Straight into the caller's buffer when it fits and nothing went in place yet
+            // (order); else in place.
+            let to_out = plain == 0 && inner > 0 && out.len() - direct >= inner;
+            let opened: &mut [u8] = if to_out {
+                let (ciphertext, tag) = buf[start..start + len].split_at(inner);
+                let dst = &mut out[direct..direct + inner];
+                if self
+                    .rx
+                    .key
+                    .open_separate_gather(self.rx.nonce(), Aad::from(aad), ciphertext, tag, dst)
+                    .is_err()
+                {
+                    dst.fill(0);
+                    return Err(refuse(
+                        alert::BAD_RECORD_MAC,
+                        "record failed authentication",
+                    ));
+                }
+                dst
+            } else {
+                let body = &mut buf[start..start + len];
+                self.rx
+                    .key
+                    .open_in_place(self.rx.nonce(), Aad::from(aad), body)
+                    .map_err(|_| refuse(alert::BAD_RECORD_MAC, "record failed authentication"))?
+            };
             // RFC 8446 §5.4: the content type is the last non-zero byte; zeros after it
             // are padding.
             let Some(end) = opened.iter().rposition(|&b| b != 0) else {
@@ -282,7 +312,6 @@ impl RecordLayer {
             }
             let content_type = opened[end];
             self.rx.advance()?;
-            let start = read + HEADER;
             match content_type {
                 CT_APPLICATION_DATA => {
                     if !self.handshake.is_empty() {
@@ -291,16 +320,31 @@ impl RecordLayer {
                             "application data inside a handshake message",
                         ));
                     }
-                    buf.copy_within(start..start + end, plain);
-                    plain += end;
+                    if to_out {
+                        // The content type and padding after it are overwritten next.
+                        direct += end;
+                    } else {
+                        buf.copy_within(start..start + end, plain);
+                        plain += end;
+                    }
                 }
                 CT_HANDSHAKE => {
-                    let content = &buf[start..start + end];
-                    self.handshake_message(content)?;
+                    let content = if to_out {
+                        &out[direct..direct + end]
+                    } else {
+                        &buf[start..start + end]
+                    };
+                    let content = content.to_vec();
+                    self.handshake_message(&content)?;
                 }
                 CT_ALERT => {
-                    let content = &buf[start..start + end];
-                    self.alert(content)?;
+                    let content = if to_out {
+                        &out[direct..direct + end]
+                    } else {
+                        &buf[start..start + end]
+                    };
+                    let content = content.to_vec();
+                    self.alert(&content)?;
                 }
                 _ => {
                     return Err(refuse(alert::UNEXPECTED_MESSAGE, "unknown content type"));
@@ -317,6 +361,7 @@ impl RecordLayer {
             self.tail.extend_from_slice(rest);
         }
         Ok(Opened {
+            direct,
             plain,
             closed: self.read_closed,
         })

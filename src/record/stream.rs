@@ -114,8 +114,12 @@ impl<S: AsyncWrite + Unpin> OwnTls<S> {
                     if n == 0 {
                         return Poll::Ready(Ok(None));
                     }
-                    let opened = self.layer.open(&mut rx[..kept + n]);
+                    // Decrypted straight into the caller's buffer where records fit;
+                    // what does not fit waits in `plain`.
+                    let room = dst.initialize_unfilled();
+                    let opened = self.layer.open(&mut rx[..kept + n], room);
                     Poll::Ready(Ok(Some(opened.inspect(|o| {
+                        dst.advance(o.direct);
                         let plain = &rx[..o.plain];
                         let now = plain.len().min(dst.remaining());
                         dst.put_slice(&plain[..now]);
@@ -149,7 +153,7 @@ impl<S: AsyncWrite + Unpin> OwnTls<S> {
                     if opened.closed {
                         self.read = ReadState::Closed;
                     }
-                    if opened.plain > 0 || opened.closed {
+                    if opened.direct > 0 || opened.plain > 0 || opened.closed {
                         return Poll::Ready(Ok(()));
                     }
                     // Only a partial record, a KeyUpdate or an empty record: read on.

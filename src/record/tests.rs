@@ -83,23 +83,39 @@ fn established() -> (ClientConnection, RecordLayer) {
     panic!("handshake did not finish");
 }
 
-/// Feeds `bytes` to the layer as the façade does (tail room first), cut at `cut`.
-fn server_in(layer: &mut RecordLayer, bytes: &[u8], cut: usize) -> Result<(Vec<u8>, bool), Fatal> {
+/// Feeds `bytes` to the layer as the façade does (tail room first), cut at `cut`, with
+/// `room` bytes of reader's buffer to decrypt into.
+fn server_in_room(
+    layer: &mut RecordLayer,
+    bytes: &[u8],
+    cut: usize,
+    room: usize,
+) -> Result<(Vec<u8>, bool), Fatal> {
     let mut plain = Vec::new();
     let mut closed = false;
     for chunk in bytes.chunks(cut.max(1)) {
         let kept = layer.tail_len();
         let mut buf = vec![0u8; kept + chunk.len()];
         buf[kept..].copy_from_slice(chunk);
+        let mut out = vec![0u8; room];
         let Opened {
+            direct,
             plain: n,
             closed: c,
-        } = layer.open(&mut buf)?;
+        } = layer.open(&mut buf, &mut out)?;
+        plain.extend_from_slice(&out[..direct]);
         plain.extend_from_slice(&buf[..n]);
         closed |= c;
     }
     Ok((plain, closed))
 }
+
+fn server_in(layer: &mut RecordLayer, bytes: &[u8], cut: usize) -> Result<(Vec<u8>, bool), Fatal> {
+    server_in_room(layer, bytes, cut, 0)
+}
+
+/// Reader's buffers: none (all in place), under one record, one record, many.
+const ROOMS: [usize; 4] = [0, 20, 16_400, 1 << 20];
 
 /// Messages of the sizes a mail session produces, and the record-size edges.
 fn corpus() -> Vec<Vec<u8>> {
@@ -123,7 +139,15 @@ const CUTS: [usize; 10] = [1, 2, 3, 5, 7, 13, 64, 16_389, 16_390, 100_000];
 
 #[test]
 fn client_to_server_every_cut_with_and_without_key_update() {
-    for key_update in [false, true] {
+    for (key_update, room) in [
+        (false, ROOMS[0]),
+        (true, ROOMS[0]),
+        (true, ROOMS[1]),
+        (false, ROOMS[2]),
+        (true, ROOMS[2]),
+        (false, ROOMS[3]),
+        (true, ROOMS[3]),
+    ] {
         for cut in CUTS {
             let (mut client, mut layer) = established();
             let mut wire = Vec::new();
@@ -136,8 +160,12 @@ fn client_to_server_every_cut_with_and_without_key_update() {
                 sent.extend_from_slice(m);
                 client_out(&mut client, &mut wire);
             }
-            let (got, closed) = server_in(&mut layer, &wire, cut).unwrap();
-            assert_eq!(got.len(), sent.len(), "cut {cut} key_update {key_update}");
+            let (got, closed) = server_in_room(&mut layer, &wire, cut, room).unwrap();
+            assert_eq!(
+                got.len(),
+                sent.len(),
+                "cut {cut} key_update {key_update} room {room}"
+            );
             assert!(got == sent, "cut {cut}: content differs");
             assert!(!closed);
             assert_eq!(layer.tail_len(), 0);
@@ -211,12 +239,19 @@ fn close_notify_ends_the_read_side_and_bytes_after_it_are_ignored() {
     assert_eq!(layer.tail_len(), 0);
 }
 
-fn refused(wire: &[u8], layer: &mut RecordLayer) -> (Vec<u8>, Fatal) {
+/// Refused with `room` bytes of reader's buffer; returns both buffers' bytes.
+fn refused_room(wire: &[u8], layer: &mut RecordLayer, room: usize) -> (Vec<u8>, Fatal) {
     let kept = layer.tail_len();
     let mut buf = vec![0u8; kept + wire.len()];
     buf[kept..].copy_from_slice(wire);
-    let err = layer.open(&mut buf).expect_err("refused");
+    let mut out = vec![0u8; room];
+    let err = layer.open(&mut buf, &mut out).expect_err("refused");
+    buf.extend_from_slice(&out);
     (buf, err)
+}
+
+fn refused(wire: &[u8], layer: &mut RecordLayer) -> (Vec<u8>, Fatal) {
+    refused_room(wire, layer, 0)
 }
 
 fn alert_of(f: Fatal) -> u8 {
@@ -333,11 +368,13 @@ fn each_malformed_record_gets_its_alert() {
         ),
     ];
     for (name, make, want) in cases {
-        let (mut client, mut server) = peer::pair(u64::MAX);
-        let mut wire = Vec::new();
-        make(&mut client, &mut wire);
-        let (_, err) = refused(&wire, &mut server);
-        assert_eq!(alert_of(err), want, "{name}: {err}");
+        for room in ROOMS {
+            let (mut client, mut server) = peer::pair(u64::MAX);
+            let mut wire = Vec::new();
+            make(&mut client, &mut wire);
+            let (_, err) = refused_room(&wire, &mut server, room);
+            assert_eq!(alert_of(err), want, "{name} room {room}: {err}");
+        }
     }
 }
 

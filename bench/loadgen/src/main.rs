@@ -59,6 +59,9 @@ enum Cmd {
         sni: String,
         #[arg(long, default_value_t = 1 << 30)]
         bytes: u64,
+        /// Sessions in parallel, each sending `bytes / conns` (a relay carries many).
+        #[arg(long, default_value_t = 4)]
+        conns: u64,
     },
     Idle {
         #[arg(long)]
@@ -69,6 +72,9 @@ enum Cmd {
         n: usize,
         #[arg(long, default_value_t = 64)]
         conc: usize,
+        /// STARTTLS sessions held after the EHLO that follows the handshake.
+        #[arg(long)]
+        starttls: bool,
     },
     Sessions {
         #[arg(long)]
@@ -111,8 +117,19 @@ fn main() -> Res<()> {
                 conc,
                 pq,
             } => handshakes(addr, sni, n, conc, pq).await,
-            Cmd::Throughput { addr, sni, bytes } => throughput(addr, sni, bytes).await,
-            Cmd::Idle { addr, sni, n, conc } => idle(addr, sni, n, conc).await,
+            Cmd::Throughput {
+                addr,
+                sni,
+                bytes,
+                conns,
+            } => throughput(addr, sni, bytes, conns).await,
+            Cmd::Idle {
+                addr,
+                sni,
+                n,
+                conc,
+                starttls,
+            } => idle(addr, sni, n, conc, starttls).await,
             Cmd::Sessions {
                 addr,
                 sni,
@@ -195,8 +212,17 @@ async fn sink_conn(s: TcpStream) -> Res<()> {
 async fn discard_data<R: AsyncBufReadExt + Unpin>(r: &mut R) -> Res<()> {
     // The last 4 bytes seen, to find a terminator split across chunks.
     let mut tail: Vec<u8> = b"\r\n".to_vec();
+    let mut seen = 0u64;
     loop {
-        let buf = r.fill_buf().await?;
+        let buf = loop {
+            match tokio::time::timeout(STALL, r.fill_buf()).await {
+                Ok(buf) => break buf?,
+                Err(_) => eprintln!(
+                    "{}",
+                    serde_json::json!({ "sink_stall": "DATA", "content_bytes": seen, "last_bytes": format!("{:?}", String::from_utf8_lossy(&tail)) })
+                ),
+            }
+        };
         if buf.is_empty() {
             return Err("eof in DATA".into());
         }
@@ -219,6 +245,7 @@ async fn discard_data<R: AsyncBufReadExt + Unpin>(r: &mut R) -> Res<()> {
         tail.extend_from_slice(&buf[n.saturating_sub(4)..]);
         let excess = tail.len().saturating_sub(4);
         tail.drain(..excess);
+        seen += n as u64;
         r.consume(n);
     }
 }
@@ -335,6 +362,10 @@ async fn cmd<S: AsyncRead + AsyncWrite + Unpin>(
     want: u16,
 ) -> Res<()> {
     s.get_mut().write_all(line).await?;
+    // tokio-rustls keeps what the socket did not take inside rustls until a flush: without
+    // it, a command written while the send buffer is full never leaves (the throughput
+    // run's end-of-data hang, about once per full bench run, any candidate).
+    s.get_mut().flush().await?;
     let code = reply(s).await?;
     if code != want {
         return Err(format!("{} -> {code}", String::from_utf8_lossy(line).trim_end()).into());
@@ -399,9 +430,44 @@ async fn handshakes(addr: SocketAddr, sni: String, n: usize, conc: usize, pq: bo
     Ok(())
 }
 
-async fn throughput(addr: SocketAddr, sni: String, bytes: u64) -> Res<()> {
+/// How long a throughput session or the sink may see no progress before it says so on
+/// stderr (what it sent or saw last); the driver's own timeout still decides.
+const STALL: Duration = Duration::from_secs(20);
+
+async fn throughput(addr: SocketAddr, sni: String, bytes: u64, conns: u64) -> Res<()> {
     let c = connector(false);
-    let s = tls(&c, addr, &sni).await?;
+    let conns = conns.max(1);
+    let start = Instant::now();
+    let mut jobs = Vec::new();
+    for i in 0..conns {
+        let (c, sni) = (c.clone(), sni.clone());
+        jobs.push(tokio::spawn(async move {
+            throughput_one(&c, addr, &sni, bytes / conns, i).await
+        }));
+    }
+    let mut sent = 0;
+    let mut cipher = String::new();
+    for j in jobs {
+        let (n, suite) = j.await??;
+        sent += n;
+        cipher = suite;
+    }
+    let wall = start.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::json!({ "kind": "throughput", "bytes": sent, "wall_s": wall, "cipher": cipher, "conns": conns })
+    );
+    Ok(())
+}
+
+async fn throughput_one(
+    c: &TlsConnector,
+    addr: SocketAddr,
+    sni: &str,
+    bytes: u64,
+    id: u64,
+) -> Res<(u64, String)> {
+    let s = tls(c, addr, sni).await?;
     let mut s = BufReader::new(s);
     reply(&mut s).await?;
     cmd(&mut s, b"EHLO loadgen.bench\r\n", 250).await?;
@@ -425,32 +491,70 @@ async fn throughput(addr: SocketAddr, sni: String, bytes: u64) -> Res<()> {
         .negotiated_cipher_suite()
         .map(|c| format!("{:?}", c.suite()))
         .unwrap_or_default();
-    let start = Instant::now();
     let mut sent = 0u64;
     while sent < bytes {
-        s.get_mut().write_all(&chunk).await?;
+        let mut write = std::pin::pin!(s.get_mut().write_all(&chunk));
+        loop {
+            match tokio::time::timeout(STALL, &mut write).await {
+                Ok(r) => break r?,
+                Err(_) => eprintln!(
+                    "{}",
+                    serde_json::json!({ "client_stall": id, "sent": sent, "phase": "content" })
+                ),
+            }
+        }
         sent += chunk.len() as u64;
     }
-    cmd(&mut s, b".\r\n", 250).await?;
-    let wall = start.elapsed().as_secs_f64();
+    s.get_mut().write_all(b".\r\n").await?;
+    s.get_mut().flush().await?;
+    let mut last = String::new();
+    loop {
+        match tokio::time::timeout(STALL, s.read_line(&mut last)).await {
+            Ok(r) => {
+                if r? == 0 {
+                    return Err("closed before the end-of-data reply".into());
+                }
+                break;
+            }
+            Err(_) => eprintln!(
+                "{}",
+                serde_json::json!({ "client_stall": id, "sent": sent, "phase": "end-of-data reply", "read": last })
+            ),
+        }
+    }
+    if !last.starts_with("250") {
+        return Err(format!("end of data -> {}", last.trim_end()).into());
+    }
     let _ = cmd(&mut s, b"QUIT\r\n", 221).await;
-    println!(
-        "{}",
-        serde_json::json!({ "kind": "throughput", "bytes": sent, "wall_s": wall, "cipher": cipher })
-    );
-    Ok(())
+    Ok((sent, cipher))
 }
 
-async fn idle(addr: SocketAddr, sni: String, n: usize, conc: usize) -> Res<()> {
+async fn idle(addr: SocketAddr, sni: String, n: usize, conc: usize, starttls: bool) -> Res<()> {
     let c = connector(false);
     let held = Arc::new(tokio::sync::Mutex::new(Vec::with_capacity(n)));
     let keep = held.clone();
     let (ok, failed, wall) = run_jobs(n, conc, move || {
         let (c, sni, keep) = (c.clone(), sni.clone(), keep.clone());
         async move {
-            let mut s = tls(&c, addr, &sni).await?;
-            let mut b = [0u8; 1];
-            s.read_exact(&mut b).await?;
+            let s = if starttls {
+                let tcp = TcpStream::connect(addr).await?;
+                tcp.set_nodelay(true)?;
+                let mut s = BufReader::new(tcp);
+                reply(&mut s).await?;
+                cmd(&mut s, b"EHLO loadgen.bench\r\n", 250).await?;
+                cmd(&mut s, b"STARTTLS\r\n", 220).await?;
+                let tls = c
+                    .connect(ServerName::try_from(sni.clone())?, s.into_inner())
+                    .await?;
+                let mut s = BufReader::new(tls);
+                cmd(&mut s, b"EHLO loadgen.bench\r\n", 250).await?;
+                s.into_inner()
+            } else {
+                let mut s = tls(&c, addr, &sni).await?;
+                let mut b = [0u8; 1];
+                s.read_exact(&mut b).await?;
+                s
+            };
             keep.lock().await.push(s);
             Ok(())
         }
@@ -496,6 +600,7 @@ async fn sessions(addr: SocketAddr, sni: String, n: usize, conc: usize, size: us
             cmd(&mut s, b"RCPT TO:<b@sink.bench>\r\n", 250).await?;
             cmd(&mut s, b"DATA\r\n", 354).await?;
             s.get_mut().write_all(&body).await?;
+            s.get_mut().flush().await?;
             let code = reply(&mut s).await?;
             if code != 250 {
                 return Err(format!("end of data -> {code}").into());
