@@ -1,6 +1,7 @@
 //! Accept loop of one listener: it only accepts. Each connection takes the global and the
 //! listener's connection slot (or is refused at once), the current snapshot's listener (one
-//! load, kept for the session's life), a session id and a span, and runs in the task
+//! load, kept for the session's life) and a session id (no span: it cost every idle
+//! session memory; the few in-session events carry the id), and runs in the task
 //! tracker. Accept errors (EMFILE...) are logged and backed off, never a busy loop.
 
 use std::sync::Arc;
@@ -10,7 +11,6 @@ use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
 use crate::admission::Admission;
 use crate::admission::limits::Counter;
@@ -75,12 +75,6 @@ pub(crate) async fn serve(
                 continue;
             }
         };
-        let span = tracing::info_span!(
-            "session",
-            session_id = %session_id,
-            listener = %name,
-            client = %client
-        );
         let accepted = Accepted {
             tcp,
             peer,
@@ -89,8 +83,6 @@ pub(crate) async fn serve(
             permits,
             shutdown: shared.shutdown.clone(),
         };
-        shared
-            .tracker
-            .spawn(session::run(accepted).instrument(span));
+        shared.tracker.spawn(session::run(accepted));
     }
 }

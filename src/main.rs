@@ -25,6 +25,11 @@ enum Command {
     Check,
 }
 
+/// jemalloc with background purging (`.cargo/config.toml`): memory freed after a flood of
+/// sessions goes back to the system within seconds (BENCHMARKS.md).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let run = !matches!(cli.command, Some(Command::Check));

@@ -13,6 +13,7 @@ use std::cell::RefCell;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -20,6 +21,12 @@ use super::layer::{Fatal, MAX_RECORD, Opened, RecordLayer, alert};
 
 /// How much one read may take from the socket (several records).
 pub(crate) const RX_BUFFER: usize = 64 * 1024;
+/// A session without traffic for this long drops its AEAD contexts at its next idle poll.
+/// The relay polls once `relay::RELEASE_AFTER` after its last traffic, and our own last
+/// write may come a little after that moment: half of it leaves the margin.
+const EVICT_AFTER: Duration =
+    Duration::from_millis(crate::relay::RELEASE_AFTER.as_millis() as u64 / 2);
+
 /// The most plaintext one `poll_write` seals (the rest is the caller's to write again).
 const TX_CHUNK: usize = 64 * 1024;
 
@@ -50,12 +57,19 @@ pub(crate) struct OwnTls<S> {
     out_at: usize,
     read: ReadState,
     close_sent: bool,
+    /// When bytes last moved either way.
+    active: Instant,
 }
 
 impl<S> OwnTls<S> {
     /// `early` is plaintext the handshake already opened (records that came with the
     /// client's Finished).
     pub(crate) fn new(io: S, layer: RecordLayer, early: Vec<u8>) -> Self {
+        let read = if layer.read_closed() {
+            ReadState::Closed
+        } else {
+            ReadState::Open
+        };
         Self {
             io,
             layer,
@@ -63,8 +77,9 @@ impl<S> OwnTls<S> {
             plain_at: 0,
             out: Vec::new(),
             out_at: 0,
-            read: ReadState::Open,
+            read,
             close_sent: false,
+            active: Instant::now(),
         }
     }
 }
@@ -184,7 +199,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin> AsyncRead for OwnTls<S> {
             ReadState::Closed => Poll::Ready(Ok(())),
             ReadState::Failed(kind) => Poll::Ready(Err(kind.into())),
             ReadState::Open if buf.remaining() == 0 => Poll::Ready(Ok(())),
-            ReadState::Open => this.poll_fill(cx, buf),
+            ReadState::Open => {
+                let read = this.poll_fill(cx, buf);
+                if read.is_ready() {
+                    this.active = Instant::now();
+                } else if this.active.elapsed() >= EVICT_AFTER {
+                    this.layer.evict_keys();
+                }
+                read
+            }
         }
     }
 }
@@ -204,6 +227,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for OwnTls<S> {
             return Poll::Ready(Ok(0));
         }
         let take = buf.len().min(TX_CHUNK);
+        this.active = Instant::now();
         let sent = TX.with_borrow_mut(|tx| {
             tx.clear();
             this.layer.seal(&buf[..take], tx).map_err(fatal_error)?;

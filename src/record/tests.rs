@@ -538,3 +538,58 @@ async fn facade_small_reads_and_a_slow_reader_lose_nothing() {
     }
     assert_eq!(got, b"EHLO small.example\r\n");
 }
+
+#[test]
+fn evicted_keys_are_rebuilt_for_the_next_record_both_ways() {
+    let (mut client, mut layer) = established();
+    for round in 0..3 {
+        layer.evict_keys();
+        let mut wire = Vec::new();
+        client.writer().write_all(b"NOOP\r\n").unwrap();
+        client_out(&mut client, &mut wire);
+        assert_eq!(
+            server_in(&mut layer, &wire, usize::MAX).unwrap().0,
+            b"NOOP\r\n",
+            "round {round}"
+        );
+        layer.evict_keys();
+        let mut out = Vec::new();
+        layer.seal(b"250 ok\r\n", &mut out).unwrap();
+        assert_eq!(client_in(&mut client, &out, out.len()), b"250 ok\r\n");
+    }
+}
+
+#[tokio::test]
+async fn close_notify_with_the_clients_finished_is_a_session_closed_at_once() {
+    // A sender that rejects our certificate after the handshake (Postfix with an untrusted
+    // CA) sends its Finished and close_notify in one segment.
+    let (server, client) = configs(&[&rustls::version::TLS13]);
+    let mut client =
+        ClientConnection::new(client, "mail.example.test".try_into().unwrap()).unwrap();
+    let mut hs = Handshake::new(server, Vec::new()).unwrap();
+    let mut steps = 0;
+    let established = loop {
+        steps += 1;
+        assert!(steps < 20, "handshake did not finish");
+        match hs.step().unwrap() {
+            Step::Send => {
+                let out = std::mem::take(hs.outgoing());
+                client_in(&mut client, &out, out.len());
+                if !client.is_handshaking() {
+                    client.send_close_notify();
+                }
+            }
+            Step::Read => client_out(&mut client, hs.incoming()),
+            Step::Done => break hs.finish().unwrap(),
+            Step::Tls12 => panic!("TLS 1.2"),
+        }
+    };
+    let (ours, _theirs) = tokio::io::duplex(1024);
+    let mut tls = OwnTls::new(ours, established.layer, established.early);
+    let mut buf = [0u8; 16];
+    assert_eq!(
+        tls.read(&mut buf).await.unwrap(),
+        0,
+        "a clean end of stream"
+    );
+}

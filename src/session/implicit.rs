@@ -17,6 +17,8 @@ where
         return Err(session.end(Ended::silent(Outcome::Reset)));
     }
     session.facts.bytes_from_upstream = up.greeting.len() as u64;
+    // Given back: `up` lives as long as the relay, and an idle session should not hold it.
+    up.greeting = Vec::new();
     let ended = session.relay(&mut up, Path::Tls, Vec::new()).await;
     Ok(session.end(ended))
 }

@@ -117,7 +117,12 @@ impl<S: ClientStream> Session<S> {
                     // Dropped here, before the handshake: never executed, never forwarded.
                     if !discarded.is_empty() {
                         self.facts.pipelined_discarded = discarded.len() as u64;
+                        // No per-session span (it cost every idle session memory): the
+                        // session's own fields are on the event.
                         tracing::warn!(
+                            session_id = %self.facts.session_id,
+                            listener = %self.facts.listener.config.name,
+                            client = %self.facts.peer.client,
                             bytes = discarded.len(),
                             verbs = %verbs(&discarded),
                             "discarded bytes pipelined after STARTTLS"
@@ -211,10 +216,14 @@ async fn connect_greeted<S>(session: Session<S>) -> Result<(Session<S>, Upstream
 where
     S: ClientStream,
 {
-    let (session, up) = session.connect().await?;
+    let (session, mut up) = session.connect().await?;
     let name = &session.facts.listener.upstream.config.name;
     let refused = match up.greeting_code / 100 {
-        2 => return Ok((session, up)),
+        2 => {
+            // Consumed: `up` lives as long as the relay, the greeting need not.
+            up.greeting = Vec::new();
+            return Ok((session, up));
+        }
         // Only the reply itself, never bytes that followed it in the same read.
         5 => UpstreamError::Refused(up.greeting[..up.greeting_len].to_vec()),
         _ => UpstreamError::Greeting(String::from_utf8_lossy(&up.greeting).trim_end().to_owned()),

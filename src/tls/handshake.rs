@@ -47,6 +47,7 @@ pub(crate) struct Handshake {
     outgoing: Vec<u8>,
     early: Vec<u8>,
     version_known: bool,
+    peer_closed: bool,
 }
 
 impl Handshake {
@@ -58,6 +59,7 @@ impl Handshake {
             outgoing: Vec::new(),
             early: Vec::new(),
             version_known: false,
+            peer_closed: false,
         })
     }
 
@@ -82,6 +84,7 @@ impl Handshake {
             let discard = status.discard;
             let mut next = None;
             let mut check = false;
+            let mut closed = false;
             match status.state {
                 Err(e) => {
                     self.incoming.drain(..discard);
@@ -109,11 +112,7 @@ impl Handshake {
                         self.early.extend_from_slice(record.payload);
                     }
                 }
-                Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => {
-                    return Err(rustls::Error::General(
-                        "peer closed the connection during the handshake".into(),
-                    ));
-                }
+                Ok(ConnectionState::PeerClosed | ConnectionState::Closed) => closed = true,
                 Ok(_) => {
                     return Err(rustls::Error::General(
                         "unexpected state during the handshake".into(),
@@ -121,6 +120,18 @@ impl Handshake {
                 }
             }
             self.incoming.drain(..discard);
+            if closed {
+                // close_notify right after the client's Finished (a sender that rejects
+                // our certificate once the handshake is done): an established session
+                // whose read side has ended.
+                if self.conn.is_handshaking() {
+                    return Err(rustls::Error::General(
+                        "peer closed the connection during the handshake".into(),
+                    ));
+                }
+                self.peer_closed = true;
+                return Ok(Step::Done);
+            }
             if check && !self.version_known {
                 // The first flight is encoded but not yet sent: the last moment to leave.
                 self.version_known = true;
@@ -176,9 +187,13 @@ impl Handshake {
         let tx = (secrets.tx.0, keys(secrets.tx.1)?);
         let mut layer = RecordLayer::new(rx, tx, Box::new(kernel), limit)
             .map_err(|e| rustls::Error::General(e.to_string()))?;
-        layer
-            .set_tail(self.incoming)
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        if self.peer_closed {
+            layer.set_read_closed();
+        } else {
+            layer
+                .set_tail(self.incoming)
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+        }
         Ok(Established {
             layer,
             early: self.early,
