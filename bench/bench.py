@@ -599,7 +599,16 @@ class SameCipher:
 def m_idle(c, n, starttls=False, after_close=0):
     """Idle sessions' RSS; with `after_close` seconds, also how RSS comes back after they
     all close (sampled every second: the flood test)."""
+    # The baseline only after RSS has settled: an allocator that gives memory back (ours,
+    # jemalloc after 1 s) is still purging what the previous measurement freed, and a
+    # baseline taken mid-purge made the in-round idle figure negative (2026-12-06 run).
     base = rss_kib(c.proc.pid)
+    for _ in range(20):
+        time.sleep(0.5)
+        now = rss_kib(c.proc.pid)
+        if abs(now - base) <= base // 100:
+            break
+        base = now
     port = c.ports["starttls" if starttls else "ecdsa"]
     args = [LOADGEN, "idle", "--addr", f"127.0.0.1:{port}", "--sni", ECDSA_NAME, "--n", str(n)]
     if starttls:

@@ -27,6 +27,7 @@ enum Command {
 
 /// jemalloc with background purging (`.cargo/config.toml`): memory freed after a flood of
 /// sessions goes back to the system within seconds (BENCHMARKS.md).
+#[cfg(feature = "jemalloc")]
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 

@@ -1,4 +1,4 @@
-//! FZ-7: the TLS 1.3 record layer (`record::layer`) against records of any shape. A peer
+//! FZ-8: the TLS 1.3 record layer (`record::layer`) against records of any shape. A peer
 //! with fixed keys seals what the input describes — application data of any size,
 //! arbitrary inner plaintext (no content type, unknown types, padding, oversize),
 //! KeyUpdates with and without a request, alerts — then bytes are flipped or garbage
