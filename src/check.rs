@@ -20,6 +20,7 @@ pub fn describe(snapshot: &Snapshot) -> String {
             ProxyVersion::V2 => "PROXY v2".to_owned(),
         };
         let mode = match lc.mode {
+            Mode::Https => "HTTPS (MTA-STS policies, ACME tls-alpn-01)".to_owned(),
             Mode::Implicit => "implicit TLS".to_owned(),
             Mode::Starttls if lc.require_starttls => "STARTTLS required".to_owned(),
             Mode::Starttls => "STARTTLS optional".to_owned(),
@@ -69,6 +70,9 @@ pub fn describe(snapshot: &Snapshot) -> String {
             );
         }
         let tls = if up.tls.is_some() { ", TLS" } else { "" };
+        if lc.mode == Mode::Https {
+            continue;
+        }
         let _ = writeln!(
             out,
             "  upstream {}: {} ({proxy}{tls}, connect_timeout {})",
@@ -113,6 +117,32 @@ pub fn describe(snapshot: &Snapshot) -> String {
             "deny_file {}: {state}; checked every second",
             p.display()
         );
+    }
+    let policies = &snapshot.mta_sts;
+    for policy in policies.iter() {
+        let mx = policy
+            .text
+            .lines()
+            .filter_map(|l| l.strip_prefix("mx: "))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let _ = writeln!(
+            out,
+            "mta-sts {}: served at https://mta-sts.{}/.well-known/mta-sts.txt (mx {mx}; max_age {}); publish:",
+            policy.domain, policy.domain, policy.max_age
+        );
+        let _ = writeln!(out, "  {}", policy.txt_record());
+        match policies.tlsrpt_record(&policy.domain) {
+            Some(rpt) => {
+                let _ = writeln!(out, "  {rpt}");
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "  (no TLS-RPT record: set mta_sts.report_to to receive reports)"
+                );
+            }
+        }
     }
     for w in warnings(c) {
         let _ = writeln!(out, "warning: {w}");
@@ -161,6 +191,9 @@ pub fn warnings(c: &Config) -> Vec<String> {
             ));
         }
         let up = &l.upstream;
+        if l.mode == Mode::Https {
+            continue;
+        }
         if up.proxy_protocol == ProxyVersion::V1 && l.client_cert != ClientCertMode::None {
             out.push(format!(
                 "listeners.{name}.client_cert: upstream {} uses proxy_protocol: v1, which cannot \

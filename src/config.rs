@@ -13,10 +13,12 @@ use std::path::Path;
 use figment::Figment;
 use figment::providers::{Env, Format};
 
-pub use file::{ClientCertMode, LogFormat, Mode, ProxyVersion, SmugglingGuard, UnknownSni};
+pub use file::{
+    ClientCertMode, LogFormat, Mode, ProxyVersion, SmugglingGuard, StsMode, UnknownSni,
+};
 pub use types::{
-    AcmeSpec, CertificateSource, Config, Limits, ListenerConfig, LogConfig, Rate, UpstreamConfig,
-    UpstreamTls,
+    AcmeSpec, CertificateSource, Config, Limits, ListenerConfig, LogConfig, MtaStsConfig,
+    MtaStsDomain, Rate, UpstreamConfig, UpstreamTls,
 };
 
 /// Prefix of environment overrides; `__` separates levels.

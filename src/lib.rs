@@ -23,7 +23,8 @@
 //!   connection its permits (global and listener slots), then spawns [`session::run`].
 //! - [`session`] — one connection as typed phases over any `ClientStream`: `phases`
 //!   (inbound PROXY, admission on the real address, TLS, upstream, relay), `implicit`,
-//!   `starttls` (the dialogue and its two hand-offs); `report` holds the facts (the
+//!   `starttls` (the dialogue and its two hand-offs), `https` (the MTA-STS policy host's
+//!   request); `report` holds the facts (the
 //!   permits among them) and the one summary line.
 //! - [`smtp`] — pure SMTP, no sockets: `command` (the session's one reading of a command
 //!   line, Postfix's), `line` (bounded line reader), `dialogue` (pre-TLS state machine),
@@ -47,6 +48,8 @@
 //!   `deny_file`, `per_ip_rate`; then the per-IP slot) before any TLS work. The permits
 //!   travel in the session's facts and are released when it ends.
 //! - [`upstream`] — connect, header, optional TLS, greeting, all under `connect_timeout`.
+//! - [`mta_sts`] — the MTA-STS policy host (RFC 8461), sans IO: each domain's policy text
+//!   and id, and what a request gets; `session::https` serves it with hyper.
 //! - [`relay`] — both directions, half-close, idle timeout, byte counts.
 //! - [`health`] — the upstream probe (PROXY v2 LOCAL, greeting); [`http`] serves
 //!   `/metrics`, `/healthz`, `/readyz`.
@@ -83,6 +86,7 @@ pub(crate) mod http;
 pub(crate) mod io;
 pub(crate) mod listener;
 pub(crate) mod metrics;
+pub(crate) mod mta_sts;
 pub(crate) mod proxy_header;
 pub(crate) mod record;
 pub(crate) mod relay;

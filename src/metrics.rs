@@ -49,6 +49,7 @@ pub(crate) struct Metrics {
     acme_events: F<AcmeLabels, Counter>,
     key_changes: F<NameLabel, Counter>,
     acme_next_renewal: F<DomainsLabel, Gauge<f64, AtomicU64>>,
+    mta_sts_requests: F<MtaStsLabels, Counter>,
 }
 
 fn connect_histogram() -> Histogram {
@@ -79,6 +80,7 @@ impl Metrics {
             acme_events: F::default(),
             key_changes: F::default(),
             acme_next_renewal: F::default(),
+            mta_sts_requests: F::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -160,6 +162,11 @@ impl Metrics {
         );
         r.register("acme_events", "ACME events", m.acme_events.clone());
         r.register(
+            "mta_sts_requests",
+            "Requests to https listeners (MTA-STS policy fetches), by policy domain and result",
+            m.mta_sts_requests.clone(),
+        );
+        r.register(
             "certificate_key_changes",
             "Changes of the key served for a name (reload or ACME renewal): TLSA records to update",
             m.key_changes.clone(),
@@ -210,6 +217,16 @@ impl Metrics {
     }
 
     /// An event of the ACME entry for `domains`.
+    /// One request to an `https` listener; `domain` "" when the host was none of ours.
+    pub(crate) fn mta_sts_request(&self, domain: &str, result: MtaStsResult) {
+        self.mta_sts_requests
+            .get_or_create(&MtaStsLabels {
+                domain: domain.to_owned(),
+                result: result.as_str().to_owned(),
+            })
+            .inc();
+    }
+
     pub(crate) fn acme_event(&self, domains: &str, event: AcmeEvent) {
         self.acme_events
             .get_or_create(&AcmeLabels {

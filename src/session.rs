@@ -15,6 +15,7 @@
 //! Each phase's future is boxed where `run` awaits it (the measured idle-memory decision:
 //! an idle relayed session's task keeps only the relay's state, not the handshake's).
 
+mod https;
 mod implicit;
 mod phases;
 pub(crate) mod report;
@@ -125,6 +126,7 @@ where
     Ok(match session.listener().config.mode {
         Mode::Implicit => Box::pin(implicit::run(session)).await?,
         Mode::Starttls => Box::pin(starttls::run(session, shutdown)).await?,
+        Mode::Https => Box::pin(https::run(session)).await?,
     })
 }
 

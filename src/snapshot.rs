@@ -31,6 +31,9 @@ pub struct Snapshot {
     pub store: Arc<CertStore>,
     pub upstreams: BTreeMap<String, Arc<UpstreamRuntime>>,
     pub listeners: BTreeMap<String, Arc<ListenerRuntime>>,
+    /// The MTA-STS policies built from `config.mta_sts` (what `check` prints, what
+    /// `https` listeners serve).
+    pub(crate) mta_sts: Arc<crate::mta_sts::Policies>,
     /// The files this snapshot was built from, as they were just before they were read: a
     /// file-change reload that finds them all the same is skipped.
     pub files: FileStamps,
@@ -42,6 +45,8 @@ pub struct ListenerRuntime {
     pub config: ListenerConfig,
     pub tls: ListenerTls,
     pub upstream: Arc<UpstreamRuntime>,
+    /// The MTA-STS policies (served by `https` listeners; the same for every listener).
+    pub(crate) mta_sts: Arc<crate::mta_sts::Policies>,
     /// This listener's metric handles.
     pub(crate) counters: crate::metrics::ListenerCounters,
     /// What TLS resumption depends on; the session cache is kept across reloads while it
@@ -145,6 +150,24 @@ pub fn build(
         );
     }
 
+    let mta_sts = Arc::new(crate::mta_sts::Policies::from_config(
+        config.mta_sts.as_ref(),
+    ));
+    for policy in mta_sts.iter() {
+        let host = format!("mta-sts.{}", policy.domain);
+        if store.candidates(&host).is_none() {
+            return Err(err(
+                format!("mta_sts.domains.{}", policy.domain),
+                format!(
+                    "no certificate serves {host}: add it to a certificate file or a \
+                     self_signed list, or order a name of {} with acme (then it is added)",
+                    policy.domain
+                ),
+            ));
+        }
+        crate::metrics::metrics().mta_sts_series(&policy.domain);
+    }
+
     let mut listeners = BTreeMap::new();
     for (name, l) in &config.listeners {
         let kept = previous
@@ -152,18 +175,28 @@ pub fn build(
             .map(|l| &l.resumption);
         let (tls, resumption) = listener_tls(l, &store, &provider, kept)
             .map_err(|(k, r)| err(format!("listeners.{name}.{k}"), r))?;
-        let upstream = upstreams.get(&l.upstream.name).cloned().ok_or_else(|| {
-            err(
-                format!("listeners.{name}.upstream"),
-                "unknown upstream".into(),
-            )
-        })?;
+        let upstream = if l.mode == Mode::Https {
+            // Never connected: an https listener relays no mail.
+            Arc::new(UpstreamRuntime {
+                config: l.upstream.clone(),
+                tls: None,
+                capabilities: arc_swap::ArcSwapOption::empty(),
+            })
+        } else {
+            upstreams.get(&l.upstream.name).cloned().ok_or_else(|| {
+                err(
+                    format!("listeners.{name}.upstream"),
+                    "unknown upstream".into(),
+                )
+            })?
+        };
         listeners.insert(
             name.clone(),
             Arc::new(ListenerRuntime {
                 config: l.clone(),
                 tls,
                 upstream,
+                mta_sts: mta_sts.clone(),
                 counters: crate::metrics::metrics().listener_counters(
                     name,
                     (l.client_cert != ClientCertMode::None).then(|| l.client_cert.as_str()),
@@ -181,6 +214,7 @@ pub fn build(
         store,
         upstreams,
         listeners,
+        mta_sts,
         files,
     })
 }
@@ -260,7 +294,12 @@ fn listener_tls(
     // ALPACA mitigation (catalogue TL-6, RFC 7301 3.2): a client that offers ALPN without
     // "smtp" (e.g. http/1.1 or h2 redirected to a mail port) gets no_application_protocol;
     // no ALPN proceeds as usual. ACME's acme-tls/1 is answered before this config applies.
-    config.alpn_protocols = vec![b"smtp".to_vec()];
+    config.alpn_protocols = if l.mode == Mode::Https {
+        // The MTA-STS policy host speaks HTTP/1.1 only (`mta_sts`).
+        vec![b"http/1.1".to_vec()]
+    } else {
+        vec![b"smtp".to_vec()]
+    };
     // The provider's suite order (AES-128-GCM first, see `tls::provider`) decides.
     config.ignore_client_order = true;
     if !l.session_tickets {

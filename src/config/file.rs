@@ -32,6 +32,55 @@ pub struct FileConfig {
     /// changes, without a reload (fail2ban, CrowdSec).
     #[serde(default)]
     pub deny_file: Option<PathBuf>,
+    /// MTA-STS policies served on `mode: https` listeners (RFC 8461).
+    #[serde(default)]
+    pub mta_sts: Option<MtaStsFile>,
+}
+
+/// `mta_sts`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtaStsFile {
+    /// TLS-RPT reports (RFC 8460): `mailto:` or `https:` URI; `check` prints the record.
+    #[serde(default)]
+    pub report_to: Option<String>,
+    /// Policy domain -> its policy.
+    pub domains: BTreeMap<String, MtaStsDomainFile>,
+}
+
+/// `mta_sts.domains.<domain>`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtaStsDomainFile {
+    pub mode: StsMode,
+    /// MX patterns; default: the hostnames of the listeners on port 25.
+    #[serde(default)]
+    pub mx: Option<Vec<String>>,
+    #[serde(default = "default_max_age", with = "humantime_serde")]
+    pub max_age: Duration,
+}
+
+fn default_max_age() -> Duration {
+    Duration::from_secs(7 * 24 * 3600)
+}
+
+/// `mta_sts.domains.*.mode` (RFC 8461 §5).
+#[derive(Debug, Deserialize, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum StsMode {
+    Enforce,
+    Testing,
+    None,
+}
+
+impl StsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Enforce => "enforce",
+            Self::Testing => "testing",
+            Self::None => "none",
+        }
+    }
 }
 
 fn default_shutdown_grace() -> Duration {
@@ -155,7 +204,9 @@ pub struct ListenerFile {
     pub listen: SocketAddr,
     pub mode: Mode,
     pub hostname: String,
-    pub upstream: String,
+    /// Required on mail listeners; an `https` listener has none.
+    #[serde(default)]
+    pub upstream: Option<String>,
     #[serde(default)]
     pub unknown_sni: UnknownSni,
     #[serde(default)]
@@ -225,6 +276,8 @@ impl<'de> Deserialize<'de> for SmugglingGuard {
 pub enum Mode {
     Starttls,
     Implicit,
+    /// Port 443: MTA-STS policies over HTTPS and ACME tls-alpn-01; no mail, no upstream.
+    Https,
 }
 
 /// `listeners.*.unknown_sni`.

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::file::{ClientCertMode, LogFormat, Mode, ProxyVersion, SmugglingGuard, UnknownSni};
+use super::file::{
+    ClientCertMode, LogFormat, Mode, ProxyVersion, SmugglingGuard, StsMode, UnknownSni,
+};
 
 /// A config error before the file is known: (dotted key path, reason).
 pub(super) type KeyedError = (String, String);
@@ -29,6 +31,23 @@ pub struct Config {
     pub listeners: BTreeMap<String, ListenerConfig>,
     /// Refused on every listener; re-read on change (`abuse::DenyFile`).
     pub deny_file: Option<PathBuf>,
+    pub mta_sts: Option<MtaStsConfig>,
+}
+
+/// The validated `mta_sts` section.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MtaStsConfig {
+    pub report_to: Option<String>,
+    pub domains: Vec<MtaStsDomain>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MtaStsDomain {
+    /// Lowercased.
+    pub domain: String,
+    pub mode: StsMode,
+    pub mx: Vec<String>,
+    pub max_age: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -45,6 +64,21 @@ pub struct UpstreamConfig {
     pub connect_timeout: Duration,
     pub tls: Option<UpstreamTls>,
     pub health_interval: Duration,
+}
+
+impl UpstreamConfig {
+    /// What an `https` listener has in place of an upstream: never connected, never probed
+    /// (it is in no `upstreams` map), named "" in the session line.
+    pub fn unused() -> Self {
+        Self {
+            name: String::new(),
+            address: String::new(),
+            proxy_protocol: ProxyVersion::V2,
+            connect_timeout: Duration::from_secs(1),
+            tls: None,
+            health_interval: Duration::from_secs(3600),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -10,7 +10,8 @@ use std::time::Duration;
 use super::ConfigError;
 use super::certificates::certificate;
 use super::file::{
-    ClientCertMode, FileConfig, LimitsFile, ListenerFile, Mode, ProxyVersion, UpstreamFile,
+    ClientCertMode, FileConfig, LimitsFile, ListenerFile, Mode, MtaStsFile, ProxyVersion,
+    UpstreamFile,
 };
 use super::types::*;
 
@@ -64,6 +65,10 @@ pub(super) fn validate(path: &Path, file: FileConfig) -> Result<Config, ConfigEr
             "no certificate configured (add `- self_signed: [localhost]` for a test setup)".into(),
         ));
     }
+    let mta_sts = match file.mta_sts {
+        Some(m) => Some(mta_sts(m, &listeners, &mut certificates).map_err(|(k, r)| err(k, r))?),
+        None => None,
+    };
     if file.max_connections == Some(0) {
         return Err(err("max_connections".into(), "must be at least 1".into()));
     }
@@ -82,6 +87,113 @@ pub(super) fn validate(path: &Path, file: FileConfig) -> Result<Config, ConfigEr
         certificates,
         listeners,
         deny_file: file.deny_file,
+        mta_sts,
+    })
+}
+
+/// RFC 8461 §3.2: `max_age` is at most 31557600 seconds (a year).
+const MAX_STS_AGE: u64 = 31_557_600;
+
+/// The `mta_sts` section: domains, MX patterns (default: the port-25 listeners'
+/// hostnames), `max_age`, and a certificate for `mta-sts.<domain>`: an `acme` entry that
+/// orders a name of the domain gets it added; file certificates are checked when loaded.
+fn mta_sts(
+    m: MtaStsFile,
+    listeners: &BTreeMap<String, ListenerConfig>,
+    certificates: &mut [CertificateSource],
+) -> Result<MtaStsConfig, KeyedError> {
+    if m.domains.is_empty() {
+        return Err(("mta_sts.domains".into(), "needs at least one domain".into()));
+    }
+    if !listeners.values().any(|l| l.mode == Mode::Https) {
+        return Err((
+            "mta_sts".into(),
+            "no listener has mode: https to serve the policies (port 443)".into(),
+        ));
+    }
+    if let Some(rua) = &m.report_to
+        && !(rua.starts_with("mailto:") || rua.starts_with("https://"))
+    {
+        return Err((
+            "mta_sts.report_to".into(),
+            format!("{rua:?}: a TLS-RPT address is a mailto: or https:// URI (RFC 8460)"),
+        ));
+    }
+    let port25: Vec<String> = listeners
+        .values()
+        .filter(|l| l.listen.port() == 25)
+        .map(|l| l.hostname.clone())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let mut domains = Vec::new();
+    for (domain, d) in m.domains {
+        let key = |k: &str| format!("mta_sts.domains.{domain}.{k}");
+        let name = domain.to_ascii_lowercase();
+        if name.starts_with("*.") || !is_dns_name(&name) || !name.contains('.') {
+            return Err((
+                format!("mta_sts.domains.{domain}"),
+                "not a mail domain (a DNS name with a dot, no wildcard)".into(),
+            ));
+        }
+        let mx = match d.mx {
+            Some(mx) => mx,
+            None if port25.is_empty() => {
+                return Err((
+                    key("mx"),
+                    "no mx given and no listener on port 25 to take them from".into(),
+                ));
+            }
+            None => port25.clone(),
+        };
+        if mx.is_empty() {
+            return Err((key("mx"), "needs at least one MX pattern".into()));
+        }
+        let mut patterns = Vec::new();
+        for (i, pattern) in mx.iter().enumerate() {
+            let p = pattern.to_ascii_lowercase();
+            // §4.1: a wildcard stands for exactly one leftmost label.
+            let rest = p.strip_prefix("*.").unwrap_or(&p);
+            if rest.contains('*') || !is_dns_name(rest) || !rest.contains('.') {
+                return Err((
+                    format!("{}[{i}]", key("mx")),
+                    format!(
+                        "{pattern:?} is not an MX pattern (a host name, or \"*.\" and a \
+                         name: a wildcard covers one leftmost label only)"
+                    ),
+                ));
+            }
+            patterns.push(p);
+        }
+        let age = d.max_age.as_secs();
+        if age == 0 || age > MAX_STS_AGE {
+            return Err((
+                key("max_age"),
+                format!("{age} s: RFC 8461 allows 1 to {MAX_STS_AGE} seconds"),
+            ));
+        }
+        let host = format!("mta-sts.{name}");
+        for source in certificates.iter_mut() {
+            if let CertificateSource::Acme { spec, .. } = source
+                && spec
+                    .domains
+                    .iter()
+                    .any(|n| n == &name || n.ends_with(&format!(".{name}")))
+                && !spec.domains.contains(&host)
+            {
+                spec.domains.push(host.clone());
+            }
+        }
+        domains.push(MtaStsDomain {
+            domain: name,
+            mode: d.mode,
+            mx: patterns,
+            max_age: d.max_age,
+        });
+    }
+    Ok(MtaStsConfig {
+        report_to: m.report_to,
+        domains,
     })
 }
 
@@ -137,15 +249,22 @@ fn listener(
     upstreams: &BTreeMap<String, Arc<UpstreamConfig>>,
 ) -> Result<ListenerConfig, KeyedError> {
     let key = |k: &str| format!("listeners.{name}.{k}");
-    let upstream = upstreams
-        .get(&l.upstream)
-        .ok_or_else(|| {
-            (
+    let upstream = match (&l.upstream, l.mode) {
+        (Some(_), Mode::Https) => {
+            return Err((
                 key("upstream"),
-                format!("no upstream named {:?}", l.upstream),
-            )
-        })?
-        .clone();
+                "an https listener serves MTA-STS policies and relays no mail: remove it".into(),
+            ));
+        }
+        (None, Mode::Https) => Arc::new(UpstreamConfig::unused()),
+        (None, _) => {
+            return Err((key("upstream"), "required on a mail listener".into()));
+        }
+        (Some(up), _) => upstreams
+            .get(up)
+            .ok_or_else(|| (key("upstream"), format!("no upstream named {up:?}")))?
+            .clone(),
+    };
     if !is_dns_name(&l.hostname) {
         return Err((
             key("hostname"),
@@ -159,7 +278,7 @@ fn listener(
                 .into(),
         ));
     }
-    if l.require_starttls && l.mode == Mode::Implicit {
+    if l.require_starttls && l.mode != Mode::Starttls {
         return Err((
             key("require_starttls"),
             "only applies to mode: starttls (an implicit-TLS listener is always encrypted)".into(),
@@ -176,7 +295,7 @@ fn listener(
         client_cert: l.client_cert,
         client_ca: l.client_ca,
         require_starttls: l.require_starttls,
-        session_tickets: l.session_tickets.unwrap_or(l.mode == Mode::Implicit),
+        session_tickets: l.session_tickets.unwrap_or(l.mode != Mode::Starttls),
         accept_proxy_protocol: l.accept_proxy_protocol,
         allow: l.allow,
         deny: l.deny,

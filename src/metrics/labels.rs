@@ -39,6 +39,7 @@ label_values!(
         Denied => "denied",
         Shutdown => "shutdown",
         ProtocolError => "protocol_error",
+        MtaSts => "mta_sts",
         AcmeChallenge => "acme_challenge",
     }
 );
@@ -49,6 +50,7 @@ label_values!(
         Implicit => "implicit",
         Starttls => "starttls",
         Plaintext => "plaintext",
+        Https => "https",
     }
 );
 
@@ -101,6 +103,16 @@ label_values!(
     GuardAction {
         Normalized => "normalized",
         Rejected => "rejected",
+    }
+);
+
+label_values!(
+    /// What an `https` listener answered (MTA-STS policy fetches).
+    MtaStsResult {
+        Served => "served",
+        NotFound => "not_found",
+        MethodNotAllowed => "method_not_allowed",
+        Misdirected => "misdirected",
     }
 );
 
@@ -212,6 +224,13 @@ pub(crate) struct CertLabels {
 pub(crate) struct AcmeLabels {
     pub domains: String,
     pub event: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct MtaStsLabels {
+    /// A configured policy domain; "" when the host was none of them.
+    pub domain: String,
+    pub result: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

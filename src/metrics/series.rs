@@ -115,6 +115,21 @@ impl Metrics {
             });
         }
     }
+
+    /// A policy domain's MTA-STS request series at 0 (and the one for other hosts).
+    pub(crate) fn mta_sts_series(&self, domain: &str) {
+        for r in MtaStsResult::ALL {
+            let domain = if *r == MtaStsResult::Misdirected {
+                ""
+            } else {
+                domain
+            };
+            let _ = self.mta_sts_requests.get_or_create(&MtaStsLabels {
+                domain: domain.to_owned(),
+                result: r.as_str().to_owned(),
+            });
+        }
+    }
 }
 
 /// One listener's counter handles, bumped without label lookups.

@@ -96,6 +96,12 @@ impl Finished {
         Self(Box::new(Ending { facts, ended, io }))
     }
 
+    /// A session whose stream another server took over and closed (the `https` listener's
+    /// HTTP server): nothing is owed.
+    pub(super) fn served(facts: Box<Facts>, outcome: Outcome) -> Self {
+        Self::new(facts, Ended::silent(outcome), None)
+    }
+
     /// Writes the owed reply (bounded), closes the client stream, and gives the report.
     pub(crate) async fn close(self) -> SessionReport {
         let Ending { facts, ended, io } = *self.0;
@@ -187,7 +193,7 @@ impl<S: ClientStream> Session<S> {
         };
         let ended = match l.mode {
             crate::config::Mode::Starttls => Ended::replying(outcome, greeting),
-            crate::config::Mode::Implicit => Ended::silent(outcome),
+            crate::config::Mode::Implicit | crate::config::Mode::Https => Ended::silent(outcome),
         };
         Err(self.end(ended))
     }

@@ -41,6 +41,9 @@ pub(crate) enum Outcome {
     ProtocolError(String),
     /// Not a mail session: an ACME server validating a tls-alpn-01 challenge.
     AcmeChallenge(String),
+    /// Not a mail session: a request to an `https` listener (the MTA-STS policy host);
+    /// the reason is `<domain> <status>`.
+    MtaSts(String),
 }
 
 /// Which wait timed out (the `reason` of `outcome=timeout`).
@@ -79,6 +82,7 @@ impl Outcome {
             Self::Shutdown => OutcomeKind::Shutdown,
             Self::ProtocolError(_) => OutcomeKind::ProtocolError,
             Self::AcmeChallenge(_) => OutcomeKind::AcmeChallenge,
+            Self::MtaSts(_) => OutcomeKind::MtaSts,
         }
     }
 
@@ -87,7 +91,8 @@ impl Outcome {
             Self::HandshakeFailed(r)
             | Self::UpstreamFailed(r)
             | Self::ProtocolError(r)
-            | Self::AcmeChallenge(r) => r,
+            | Self::AcmeChallenge(r)
+            | Self::MtaSts(r) => r,
             Self::Timeout(phase) => phase.as_str(),
             Self::Limit(kind) => kind.as_str(),
             Self::Denied(why) => why.as_str(),
@@ -113,6 +118,8 @@ pub(crate) enum Transport {
     Implicit,
     Starttls,
     Plaintext,
+    /// An `https` listener's TLS (the MTA-STS policy host).
+    Https,
     /// Ended before any of the above was settled.
     None,
 }
@@ -124,6 +131,7 @@ impl Transport {
             Self::Implicit => Some(TransportKind::Implicit),
             Self::Starttls => Some(TransportKind::Starttls),
             Self::Plaintext => Some(TransportKind::Plaintext),
+            Self::Https => Some(TransportKind::Https),
             Self::None => None,
         }
     }
@@ -133,6 +141,7 @@ impl Transport {
             Self::Implicit => "implicit",
             Self::Starttls => "starttls",
             Self::Plaintext => "plaintext",
+            Self::Https => "https",
             Self::None => "none",
         }
     }

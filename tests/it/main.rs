@@ -21,6 +21,7 @@ mod implicit_tls;
 mod inbound_proxy;
 mod interop;
 mod lifecycle;
+mod mta_sts;
 mod observability;
 mod postfix;
 mod proxy_protocol;

@@ -281,6 +281,11 @@ pub fn spawn_proxy_with_nofile(yaml: &str, nofile: u64) -> RunningProxy {
     spawn_command(dir, cmd)
 }
 
+/// Starts the proxy as `cmd` says (e.g. inside a network namespace); returns once ready.
+pub fn spawn_proxy_command(dir: tempfile::TempDir, cmd: Command) -> RunningProxy {
+    spawn_command(dir, cmd)
+}
+
 fn spawn_command(dir: tempfile::TempDir, mut cmd: Command) -> RunningProxy {
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
