@@ -23,6 +23,7 @@ mod interop;
 mod lifecycle;
 mod mta_sts;
 mod observability;
+mod packaging;
 mod postfix;
 mod proxy_protocol;
 mod reload_triggers;
