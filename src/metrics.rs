@@ -50,6 +50,7 @@ pub(crate) struct Metrics {
     key_changes: F<NameLabel, Counter>,
     acme_next_renewal: F<DomainsLabel, Gauge<f64, AtomicU64>>,
     mta_sts_requests: F<MtaStsLabels, Counter>,
+    tls_sessions: F<TlsSessionLabels, Counter>,
 }
 
 fn connect_histogram() -> Histogram {
@@ -81,6 +82,7 @@ impl Metrics {
             key_changes: F::default(),
             acme_next_renewal: F::default(),
             mta_sts_requests: F::default(),
+            tls_sessions: F::default(),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -161,6 +163,11 @@ impl Metrics {
             m.cert_expiry.clone(),
         );
         r.register("acme_events", "ACME events", m.acme_events.clone());
+        r.register(
+            "tls_sessions",
+            "Completed server handshakes by TLS version and cipher suite",
+            m.tls_sessions.clone(),
+        );
         r.register(
             "mta_sts_requests",
             "Requests to https listeners (MTA-STS policy fetches), by policy domain and result",
@@ -305,6 +312,17 @@ impl Metrics {
                     .inc_by(n);
             }
         }
+    }
+
+    /// A completed server handshake: its version and suite (bounded: the provider's list).
+    pub(crate) fn tls_session(&self, listener: &str, version: &str, cipher: &str) {
+        self.tls_sessions
+            .get_or_create(&TlsSessionLabels {
+                listener: listener.to_owned(),
+                version: version.to_owned(),
+                cipher: cipher.to_owned(),
+            })
+            .inc();
     }
 
     /// A failed server handshake (`None`: an ACME validation handshake was answered,

@@ -227,6 +227,15 @@ pub(crate) struct AcmeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct TlsSessionLabels {
+    pub listener: String,
+    /// `TLSv1.3` or `TLSv1.2`.
+    pub version: String,
+    /// IANA suite name from the provider's fixed list (`tls::provider`).
+    pub cipher: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct MtaStsLabels {
     /// A configured policy domain; "" when the host was none of them.
     pub domain: String,

@@ -222,6 +222,7 @@ impl<S: ClientStream> Session<S> {
             tls.fallback,
             tls.client_cert.as_ref().map(|c| c.verify.class()),
         );
+        crate::metrics::metrics().tls_session(&l.config.name, tls.version, &tls.cipher);
         facts.transport = transport;
         facts.tls = Some(tls);
         Ok(Session {

@@ -11,6 +11,7 @@ mod acme_replicas;
 mod architecture;
 mod client_cert;
 mod config_check;
+mod dashboard;
 mod deployment;
 mod fault_sweep;
 mod follower;
