@@ -317,7 +317,7 @@ impl RecordLayer {
             let inner = len - TAG;
             // Straight into the caller's buffer when it fits and nothing went in place yet
             // (order); else in place.
-            let to_out = plain == 0 && inner > 0 && out.len() - direct >= inner;
+            let to_out = plain == 0 && out.len() - direct >= inner;
             let opened: &mut [u8] = if to_out {
                 let (ciphertext, tag) = buf[start..start + len].split_at(inner);
                 let dst = &mut out[direct..direct + inner];

@@ -593,3 +593,112 @@ async fn close_notify_with_the_clients_finished_is_a_session_closed_at_once() {
         "a clean end of stream"
     );
 }
+
+#[test]
+fn a_record_of_exactly_the_largest_size_is_accepted() {
+    // 2^14 bytes of content, its type and 239 bytes of padding: TLSCiphertext.length is
+    // exactly 2^14 + 256, the largest RFC 8446 allows.
+    let (mut client, mut server) = peer::pair(u64::MAX);
+    let mut inner = vec![b'a'; MAX_PLAINTEXT];
+    inner.push(23);
+    inner.extend(std::iter::repeat_n(0, 239));
+    let mut wire = Vec::new();
+    client.seal_inner(&inner, &mut wire);
+    assert_eq!(wire.len(), super::layer::MAX_RECORD);
+    let (got, _) = server_in(&mut server, &wire, usize::MAX).unwrap();
+    assert_eq!(got.len(), MAX_PLAINTEXT);
+}
+
+#[test]
+fn a_partial_record_read_with_the_clients_finished_is_kept() {
+    // The client's Finished and the first part of its first record in one read: the rest
+    // of that record arrives after the hand-over and must complete it.
+    let (server, client) = configs(&[&rustls::version::TLS13]);
+    let mut client = ClientConnection::new(client, "mail.example.test".try_into().unwrap()).unwrap();
+    let mut hs = Handshake::new(server, Vec::new()).unwrap();
+    let mut rest = Vec::new();
+    let mut steps = 0;
+    let established = loop {
+        steps += 1;
+        assert!(steps < 20, "handshake did not finish");
+        match hs.step().unwrap() {
+            Step::Send => {
+                let out = std::mem::take(hs.outgoing());
+                client_in(&mut client, &out, out.len());
+            }
+            Step::Read => {
+                let mut wire = Vec::new();
+                if !client.is_handshaking() && rest.is_empty() {
+                    client.writer().write_all(b"EHLO partial.example\r\n").unwrap();
+                    client_out(&mut client, &mut wire);
+                    // Keep the last 7 bytes of the application record for later.
+                    rest = wire.split_off(wire.len() - 7);
+                } else {
+                    client_out(&mut client, &mut wire);
+                }
+                hs.incoming().extend_from_slice(&wire);
+            }
+            Step::Done => break hs.finish().unwrap(),
+            Step::Tls12 => panic!("TLS 1.2"),
+        }
+    };
+    assert!(!rest.is_empty(), "the test split a record");
+    let mut layer = established.layer;
+    assert!(layer.tail_len() > 0, "the partial record was kept");
+    let (got, _) = server_in(&mut layer, &rest, usize::MAX).unwrap();
+    let mut all = established.early;
+    all.extend_from_slice(&got);
+    assert_eq!(all, b"EHLO partial.example\r\n");
+}
+
+#[test]
+fn records_go_straight_into_a_reader_buffer_that_holds_them_else_in_place() {
+    let (mut client, mut server) = peer::pair(u64::MAX);
+    let mut wire = Vec::new();
+    for m in [&b"EHLO a\r\n"[..], b"MAIL FROM:<a@b>\r\n", b"RCPT TO:<c@d>\r\n"] {
+        client.seal(m, &mut wire).unwrap();
+    }
+    let mut buf = wire.clone();
+    let mut out = vec![0u8; 1 << 16];
+    let opened = server.open(&mut buf, &mut out).unwrap();
+    assert_eq!((opened.direct, opened.plain), (40, 0), "all three straight into the reader's buffer");
+    assert_eq!(&out[..40], b"EHLO a\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n");
+    // A reader's buffer with room for the first record only: it goes there, the rest in
+    // place after it, in order.
+    let (mut client, mut server) = peer::pair(u64::MAX);
+    let mut wire = Vec::new();
+    for m in [&b"EHLO a\r\n"[..], b"MAIL FROM:<a@b>\r\n"] {
+        client.seal(m, &mut wire).unwrap();
+    }
+    let mut out = vec![0u8; 10];
+    let opened = server.open(&mut wire, &mut out).unwrap();
+    assert_eq!((opened.direct, opened.plain), (8, 17));
+    assert_eq!(&out[..8], b"EHLO a\r\n");
+    assert_eq!(&wire[..17], b"MAIL FROM:<a@b>\r\n");
+}
+
+#[test]
+fn a_key_update_without_a_request_switches_keys_and_owes_nothing() {
+    let (mut client, mut server) = peer::pair(u64::MAX);
+    let mut wire = Vec::new();
+    client.seal_key_update(false, &mut wire);
+    client.seal(b"after\r\n", &mut wire).unwrap();
+    let (got, _) = server_in(&mut server, &wire, usize::MAX).unwrap();
+    assert_eq!(got, b"after\r\n");
+    assert!(!server.owes_record());
+}
+
+#[test]
+fn a_misplaced_key_update_and_another_handshake_message_are_told_apart() {
+    for (inner, why) in [
+        (&[24u8, 0, 0, 1, 0, 24, 22][..], "KeyUpdate not aligned"),
+        (&[4, 0, 0, 2, 0, 0, 22][..], "other than KeyUpdate"),
+    ] {
+        let (mut client, mut server) = peer::pair(u64::MAX);
+        let mut wire = Vec::new();
+        client.seal_inner(inner, &mut wire);
+        let (_, err) = refused(&wire, &mut server);
+        assert_eq!(alert_of(err), alert::UNEXPECTED_MESSAGE);
+        assert!(err.to_string().contains(why), "{err}");
+    }
+}
