@@ -614,7 +614,8 @@ fn a_partial_record_read_with_the_clients_finished_is_kept() {
     // The client's Finished and the first part of its first record in one read: the rest
     // of that record arrives after the hand-over and must complete it.
     let (server, client) = configs(&[&rustls::version::TLS13]);
-    let mut client = ClientConnection::new(client, "mail.example.test".try_into().unwrap()).unwrap();
+    let mut client =
+        ClientConnection::new(client, "mail.example.test".try_into().unwrap()).unwrap();
     let mut hs = Handshake::new(server, Vec::new()).unwrap();
     let mut rest = Vec::new();
     let mut steps = 0;
@@ -629,7 +630,10 @@ fn a_partial_record_read_with_the_clients_finished_is_kept() {
             Step::Read => {
                 let mut wire = Vec::new();
                 if !client.is_handshaking() && rest.is_empty() {
-                    client.writer().write_all(b"EHLO partial.example\r\n").unwrap();
+                    client
+                        .writer()
+                        .write_all(b"EHLO partial.example\r\n")
+                        .unwrap();
                     client_out(&mut client, &mut wire);
                     // Keep the last 7 bytes of the application record for later.
                     rest = wire.split_off(wire.len() - 7);
@@ -655,14 +659,25 @@ fn a_partial_record_read_with_the_clients_finished_is_kept() {
 fn records_go_straight_into_a_reader_buffer_that_holds_them_else_in_place() {
     let (mut client, mut server) = peer::pair(u64::MAX);
     let mut wire = Vec::new();
-    for m in [&b"EHLO a\r\n"[..], b"MAIL FROM:<a@b>\r\n", b"RCPT TO:<c@d>\r\n"] {
+    for m in [
+        &b"EHLO a\r\n"[..],
+        b"MAIL FROM:<a@b>\r\n",
+        b"RCPT TO:<c@d>\r\n",
+    ] {
         client.seal(m, &mut wire).unwrap();
     }
     let mut buf = wire.clone();
     let mut out = vec![0u8; 1 << 16];
     let opened = server.open(&mut buf, &mut out).unwrap();
-    assert_eq!((opened.direct, opened.plain), (40, 0), "all three straight into the reader's buffer");
-    assert_eq!(&out[..40], b"EHLO a\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n");
+    assert_eq!(
+        (opened.direct, opened.plain),
+        (40, 0),
+        "all three straight into the reader's buffer"
+    );
+    assert_eq!(
+        &out[..40],
+        b"EHLO a\r\nMAIL FROM:<a@b>\r\nRCPT TO:<c@d>\r\n"
+    );
     // A reader's buffer with room for the first record only: it goes there, the rest in
     // place after it, in order.
     let (mut client, mut server) = peer::pair(u64::MAX);
