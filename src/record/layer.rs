@@ -93,12 +93,7 @@ impl Keys {
     }
 
     fn into_direction(self, seq: u64) -> Result<Direction, Fatal> {
-        let (ConnectionTrafficSecrets::Aes128Gcm { iv, .. }
-        | ConnectionTrafficSecrets::Aes256Gcm { iv, .. }
-        | ConnectionTrafficSecrets::Chacha20Poly1305 { iv, .. }) = &self.key
-        else {
-            return Err(refuse(alert::INTERNAL_ERROR, "unsupported cipher suite"));
-        };
+        let (_, iv) = self.parts()?;
         let iv: [u8; aead::NONCE_LEN] = iv
             .as_ref()
             .try_into()
@@ -113,14 +108,26 @@ impl Keys {
         Ok(direction)
     }
 
+    fn parts(
+        &self,
+    ) -> Result<
+        (
+            &rustls::crypto::cipher::AeadKey,
+            &rustls::crypto::cipher::Iv,
+        ),
+        Fatal,
+    > {
+        match &self.key {
+            ConnectionTrafficSecrets::Aes128Gcm { key, iv }
+            | ConnectionTrafficSecrets::Aes256Gcm { key, iv }
+            | ConnectionTrafficSecrets::Chacha20Poly1305 { key, iv } => Ok((key, iv)),
+            _ => Err(refuse(alert::INTERNAL_ERROR, "unsupported cipher suite")),
+        }
+    }
+
     /// The AEAD context (aws-lc's expanded key and GHASH tables, about 600 bytes).
     fn context(&self) -> Result<LessSafeKey, Fatal> {
-        let (ConnectionTrafficSecrets::Aes128Gcm { key, .. }
-        | ConnectionTrafficSecrets::Aes256Gcm { key, .. }
-        | ConnectionTrafficSecrets::Chacha20Poly1305 { key, .. }) = &self.key
-        else {
-            return Err(refuse(alert::INTERNAL_ERROR, "unsupported cipher suite"));
-        };
+        let (key, _) = self.parts()?;
         let unbound = UnboundKey::new(self.algorithm, key.as_ref())
             .map_err(|_| refuse(alert::INTERNAL_ERROR, "traffic key rejected"))?;
         Ok(LessSafeKey::new(unbound))

@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::layer::{Fatal, MAX_PLAINTEXT, Opened, RecordLayer, alert, peer};
 use super::stream::OwnTls;
-use crate::tls::handshake::{Handshake, Step};
+use crate::tls::handshake::{Established, Handshake, Step};
 
 fn configs(
     versions: &[&'static rustls::SupportedProtocolVersion],
@@ -65,6 +65,16 @@ fn client_in(client: &mut ClientConnection, bytes: &[u8], cut: usize) -> Vec<u8>
 
 /// A whole TLS 1.3 handshake in memory: a rustls client and our sans-IO driver.
 fn established() -> (ClientConnection, RecordLayer) {
+    let (client, est) = handshake_with(|_| {}, client_out);
+    (client, est.layer)
+}
+
+/// A TLS 1.3 handshake in memory with hooks: `after_flight` runs once the client has taken
+/// a flight of ours, `client_sends` writes what the client sends when our driver reads.
+fn handshake_with(
+    mut after_flight: impl FnMut(&mut ClientConnection),
+    mut client_sends: impl FnMut(&mut ClientConnection, &mut Vec<u8>),
+) -> (ClientConnection, Established) {
     let (server, client) = configs(&[&rustls::version::TLS13]);
     let mut client =
         ClientConnection::new(client, "mail.example.test".try_into().unwrap()).unwrap();
@@ -74,9 +84,10 @@ fn established() -> (ClientConnection, RecordLayer) {
             Step::Send => {
                 let out = std::mem::take(hs.outgoing());
                 client_in(&mut client, &out, out.len());
+                after_flight(&mut client);
             }
-            Step::Read => client_out(&mut client, hs.incoming()),
-            Step::Done => return (client, hs.finish().unwrap().layer),
+            Step::Read => client_sends(&mut client, hs.incoming()),
+            Step::Done => return (client, hs.finish().unwrap()),
             Step::Tls12 => panic!("TLS 1.2 negotiated"),
         }
     }
@@ -563,27 +574,14 @@ fn evicted_keys_are_rebuilt_for_the_next_record_both_ways() {
 async fn close_notify_with_the_clients_finished_is_a_session_closed_at_once() {
     // A sender that rejects our certificate after the handshake (Postfix with an untrusted
     // CA) sends its Finished and close_notify in one segment.
-    let (server, client) = configs(&[&rustls::version::TLS13]);
-    let mut client =
-        ClientConnection::new(client, "mail.example.test".try_into().unwrap()).unwrap();
-    let mut hs = Handshake::new(server, Vec::new()).unwrap();
-    let mut steps = 0;
-    let established = loop {
-        steps += 1;
-        assert!(steps < 20, "handshake did not finish");
-        match hs.step().unwrap() {
-            Step::Send => {
-                let out = std::mem::take(hs.outgoing());
-                client_in(&mut client, &out, out.len());
-                if !client.is_handshaking() {
-                    client.send_close_notify();
-                }
+    let (_, established) = handshake_with(
+        |client| {
+            if !client.is_handshaking() {
+                client.send_close_notify();
             }
-            Step::Read => client_out(&mut client, hs.incoming()),
-            Step::Done => break hs.finish().unwrap(),
-            Step::Tls12 => panic!("TLS 1.2"),
-        }
-    };
+        },
+        client_out,
+    );
     let (ours, _theirs) = tokio::io::duplex(1024);
     let mut tls = OwnTls::new(ours, established.layer, established.early);
     let mut buf = [0u8; 16];
@@ -613,39 +611,25 @@ fn a_record_of_exactly_the_largest_size_is_accepted() {
 fn a_partial_record_read_with_the_clients_finished_is_kept() {
     // The client's Finished and the first part of its first record in one read: the rest
     // of that record arrives after the hand-over and must complete it.
-    let (server, client) = configs(&[&rustls::version::TLS13]);
-    let mut client =
-        ClientConnection::new(client, "mail.example.test".try_into().unwrap()).unwrap();
-    let mut hs = Handshake::new(server, Vec::new()).unwrap();
     let mut rest = Vec::new();
-    let mut steps = 0;
-    let established = loop {
-        steps += 1;
-        assert!(steps < 20, "handshake did not finish");
-        match hs.step().unwrap() {
-            Step::Send => {
-                let out = std::mem::take(hs.outgoing());
-                client_in(&mut client, &out, out.len());
+    let (_, established) = handshake_with(
+        |_| {},
+        |client, incoming| {
+            let mut wire = Vec::new();
+            if !client.is_handshaking() && rest.is_empty() {
+                client
+                    .writer()
+                    .write_all(b"EHLO partial.example\r\n")
+                    .unwrap();
+                client_out(client, &mut wire);
+                // Keep the last 7 bytes of the application record for later.
+                rest = wire.split_off(wire.len() - 7);
+            } else {
+                client_out(client, &mut wire);
             }
-            Step::Read => {
-                let mut wire = Vec::new();
-                if !client.is_handshaking() && rest.is_empty() {
-                    client
-                        .writer()
-                        .write_all(b"EHLO partial.example\r\n")
-                        .unwrap();
-                    client_out(&mut client, &mut wire);
-                    // Keep the last 7 bytes of the application record for later.
-                    rest = wire.split_off(wire.len() - 7);
-                } else {
-                    client_out(&mut client, &mut wire);
-                }
-                hs.incoming().extend_from_slice(&wire);
-            }
-            Step::Done => break hs.finish().unwrap(),
-            Step::Tls12 => panic!("TLS 1.2"),
-        }
-    };
+            incoming.extend_from_slice(&wire);
+        },
+    );
     assert!(!rest.is_empty(), "the test split a record");
     let mut layer = established.layer;
     assert!(layer.tail_len() > 0, "the partial record was kept");

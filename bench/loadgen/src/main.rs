@@ -339,6 +339,27 @@ async fn tls(
         .await?)
 }
 
+/// A STARTTLS session up to the EHLO after the handshake: greeting, EHLO, STARTTLS, TLS,
+/// EHLO.
+async fn starttls_ehlo(
+    c: &TlsConnector,
+    addr: SocketAddr,
+    sni: &str,
+) -> Res<BufReader<tokio_rustls::client::TlsStream<TcpStream>>> {
+    let tcp = TcpStream::connect(addr).await?;
+    tcp.set_nodelay(true)?;
+    let mut s = BufReader::new(tcp);
+    reply(&mut s).await?;
+    cmd(&mut s, b"EHLO loadgen.bench\r\n", 250).await?;
+    cmd(&mut s, b"STARTTLS\r\n", 220).await?;
+    let tls = c
+        .connect(ServerName::try_from(sni.to_owned())?, s.into_inner())
+        .await?;
+    let mut s = BufReader::new(tls);
+    cmd(&mut s, b"EHLO loadgen.bench\r\n", 250).await?;
+    Ok(s)
+}
+
 /// Reads one complete (multi-line) reply; returns its code.
 async fn reply<R: AsyncBufReadExt + Unpin>(r: &mut R) -> Res<u16> {
     let mut line = String::new();
@@ -537,18 +558,7 @@ async fn idle(addr: SocketAddr, sni: String, n: usize, conc: usize, starttls: bo
         let (c, sni, keep) = (c.clone(), sni.clone(), keep.clone());
         async move {
             let s = if starttls {
-                let tcp = TcpStream::connect(addr).await?;
-                tcp.set_nodelay(true)?;
-                let mut s = BufReader::new(tcp);
-                reply(&mut s).await?;
-                cmd(&mut s, b"EHLO loadgen.bench\r\n", 250).await?;
-                cmd(&mut s, b"STARTTLS\r\n", 220).await?;
-                let tls = c
-                    .connect(ServerName::try_from(sni.clone())?, s.into_inner())
-                    .await?;
-                let mut s = BufReader::new(tls);
-                cmd(&mut s, b"EHLO loadgen.bench\r\n", 250).await?;
-                s.into_inner()
+                starttls_ehlo(&c, addr, &sni).await?.into_inner()
             } else {
                 let mut s = tls(&c, addr, &sni).await?;
                 let mut b = [0u8; 1];
@@ -585,17 +595,7 @@ async fn sessions(addr: SocketAddr, sni: String, n: usize, conc: usize, size: us
     let (ok, failed, wall) = run_jobs(n, conc, move || {
         let (c, sni, body) = (c.clone(), sni.clone(), body.clone());
         async move {
-            let tcp = TcpStream::connect(addr).await?;
-            tcp.set_nodelay(true)?;
-            let mut s = BufReader::new(tcp);
-            reply(&mut s).await?;
-            cmd(&mut s, b"EHLO loadgen.bench\r\n", 250).await?;
-            cmd(&mut s, b"STARTTLS\r\n", 220).await?;
-            let tls = c
-                .connect(ServerName::try_from(sni.clone())?, s.into_inner())
-                .await?;
-            let mut s = BufReader::new(tls);
-            cmd(&mut s, b"EHLO loadgen.bench\r\n", 250).await?;
+            let mut s = starttls_ehlo(&c, addr, &sni).await?;
             cmd(&mut s, b"MAIL FROM:<a@loadgen.bench>\r\n", 250).await?;
             cmd(&mut s, b"RCPT TO:<b@sink.bench>\r\n", 250).await?;
             cmd(&mut s, b"DATA\r\n", 354).await?;
