@@ -226,6 +226,8 @@ impl fmt::Debug for RecordLayer {
             .field("tx_seq", &self.tx.seq)
             .field("tail", &self.tail.len())
             .field("read_closed", &self.read_closed)
+            // Whether each AEAD context is built (never the keys themselves).
+            .field("contexts", &(self.rx.key.is_some(), self.tx.key.is_some()))
             .finish_non_exhaustive()
     }
 }
@@ -635,6 +637,26 @@ pub(crate) mod peer {
             out.extend_from_slice(&[super::CT_APPLICATION_DATA, 0x03, 0x03, 0, 0]);
             out.extend_from_slice(inner);
             self.seal_from(start, out).expect("sealable");
+        }
+
+        /// Opens one whole record under the current receive key and returns its inner
+        /// plaintext (content, content type, padding), as the peer's own decryption sees it.
+        #[cfg(test)]
+        pub(crate) fn open_inner(&mut self, record: &[u8]) -> Vec<u8> {
+            let (header, body) = record.split_at(super::HEADER);
+            let header: [u8; super::HEADER] = header.try_into().expect("a header");
+            let mut inner = body.to_vec();
+            let nonce = self.rx.nonce();
+            let len = self
+                .rx
+                .key()
+                .expect("fixed keys")
+                .open_in_place(nonce, super::Aad::from(header), &mut inner)
+                .expect("sealed under the current key")
+                .len();
+            inner.truncate(len);
+            self.rx.advance().expect("sequence");
+            inner
         }
 
         /// Sends a KeyUpdate and switches to the next send key, as a client would.

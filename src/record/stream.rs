@@ -237,10 +237,8 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for OwnTls<S> {
                 Poll::Ready(Err(e)) => return Err(e),
                 Poll::Pending => 0,
             };
+            // `tx` never grows past one chunk's records (seal reserves exactly that).
             this.out.extend_from_slice(&tx[n..]);
-            if tx.capacity() > 2 * TX_CHUNK {
-                tx.shrink_to(2 * TX_CHUNK);
-            }
             Ok(())
         });
         sent?;

@@ -184,6 +184,9 @@ fn client_to_server_every_cut_with_and_without_key_update() {
             assert_eq!(layer.owes_record(), key_update);
             let mut out = Vec::new();
             layer.seal(b"250 ok\r\n", &mut out).unwrap();
+            // The answer (a KeyUpdate record of our own) goes before the data.
+            assert_eq!(records(&out).len(), 1 + usize::from(key_update));
+            assert!(!layer.owes_record());
             assert_eq!(client_in(&mut client, &out, cut), b"250 ok\r\n");
         }
     }
@@ -214,8 +217,25 @@ fn client_to_server_split_once_at_every_point() {
     }
 }
 
+/// The lengths of the whole records in `wire`, from their headers.
+fn records(wire: &[u8]) -> Vec<usize> {
+    let mut lengths = Vec::new();
+    let mut rest = wire;
+    while rest.len() >= 5 {
+        let len = 5 + usize::from(u16::from_be_bytes([rest[3], rest[4]]));
+        lengths.push(len);
+        rest = &rest[len.min(rest.len())..];
+    }
+    assert!(rest.is_empty(), "a partial record at the end");
+    lengths
+}
+
 #[test]
 fn server_to_client_every_cut_and_our_own_key_updates() {
+    let data_records: usize = corpus()
+        .iter()
+        .map(|m| m.len().div_ceil(MAX_PLAINTEXT))
+        .sum();
     for cut in CUTS {
         let (mut client, mut layer) = established();
         // Update our send key every two records, as the confidentiality limit would.
@@ -226,6 +246,12 @@ fn server_to_client_every_cut_and_our_own_key_updates() {
             layer.seal(&m, &mut out).unwrap();
             sent.extend_from_slice(&m);
         }
+        // A KeyUpdate after every second data record: no more, no fewer.
+        assert_eq!(
+            records(&out).len(),
+            data_records + (data_records - 1) / 2,
+            "cut {cut}"
+        );
         let got = client_in(&mut client, &out, cut);
         assert!(
             got == sent,
@@ -700,4 +726,114 @@ fn a_misplaced_key_update_and_another_handshake_message_are_told_apart() {
         assert_eq!(alert_of(err), alert::UNEXPECTED_MESSAGE);
         assert!(err.to_string().contains(why), "{err}");
     }
+}
+
+#[test]
+fn alerts_carry_their_level_close_notify_warning_and_the_rest_fatal() {
+    let (mut client, mut server) = peer::pair(u64::MAX);
+    for (description, level) in [
+        (alert::CLOSE_NOTIFY, 1),
+        (alert::BAD_RECORD_MAC, 2),
+        (alert::UNEXPECTED_MESSAGE, 2),
+    ] {
+        let mut out = Vec::new();
+        server.seal_alert(description, &mut out).unwrap();
+        assert_eq!(client.open_inner(&out), [level, description, 21]);
+    }
+}
+
+#[test]
+fn seal_reserves_once_what_it_writes() {
+    // One allocation per write, however many records: the reservation is exact.
+    for len in [
+        1,
+        100,
+        MAX_PLAINTEXT - 1,
+        MAX_PLAINTEXT,
+        MAX_PLAINTEXT + 1,
+        70_000,
+    ] {
+        let (mut client, mut server) = peer::pair(u64::MAX);
+        let mut out = Vec::new();
+        server.seal(&vec![b'm'; len], &mut out).unwrap();
+        assert_eq!(out.capacity(), out.len(), "{len} bytes");
+        let lengths = records(&out);
+        assert_eq!(lengths.len(), len.div_ceil(MAX_PLAINTEXT));
+        let mut at = 0;
+        for l in lengths {
+            let inner = client.open_inner(&out[at..at + l]);
+            assert_eq!(inner.last(), Some(&23));
+            at += l;
+        }
+    }
+}
+
+#[test]
+fn debug_shows_counters_and_evicted_contexts_never_keys() {
+    let (_, mut server) = peer::pair(u64::MAX);
+    let mut out = Vec::new();
+    server.seal(b"220 mx\r\n", &mut out).unwrap();
+    assert_eq!(
+        format!("{server:?}"),
+        "RecordLayer { rx_seq: 0, tx_seq: 1, tail: 0, read_closed: false, contexts: (true, true), .. }"
+    );
+    server.evict_keys();
+    assert!(format!("{server:?}").contains("contexts: (false, false)"));
+    // Rebuilt for the next record.
+    server.seal(b"250 ok\r\n", &mut out).unwrap();
+    assert!(
+        format!("{server:?}")
+            .contains("tx_seq: 2, tail: 0, read_closed: false, contexts: (false, true)")
+    );
+}
+
+#[tokio::test]
+async fn a_record_larger_than_the_readers_buffer_is_delivered_without_waiting_for_more() {
+    // The record does not fit the 8-byte buffer: the first 8 bytes must come back from
+    // this very poll (the rest kept), not after the peer's next record, which never comes.
+    use tokio::io::AsyncRead;
+    let (mut client, mut tls, mut pipe) = facade(1 << 16).await;
+    let mut wire = Vec::new();
+    client
+        .writer()
+        .write_all(b"MAIL FROM:<a@example.org>\r\n")
+        .unwrap();
+    client_out(&mut client, &mut wire);
+    pipe.write_all(&wire).await.unwrap();
+    let mut buf = [0u8; 8];
+    let mut read = tokio::io::ReadBuf::new(&mut buf);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let polled = std::pin::Pin::new(&mut tls).poll_read(&mut cx, &mut read);
+    assert!(
+        matches!(polled, std::task::Poll::Ready(Ok(()))),
+        "{polled:?}"
+    );
+    assert_eq!(read.filled(), b"MAIL FRO");
+    // The rest is kept and given out in pieces of any size, from where the last ended.
+    let mut four = [0u8; 4];
+    tls.read_exact(&mut four).await.unwrap();
+    assert_eq!(&four, b"M:<a");
+    let mut rest = [0u8; 64];
+    let n = tls.read(&mut rest).await.unwrap();
+    assert_eq!(&rest[..n], b"@example.org>\r\n");
+    // An empty buffer is answered at once, with nothing to read and nothing taken.
+    let mut empty = tokio::io::ReadBuf::new(&mut []);
+    let polled = std::pin::Pin::new(&mut tls).poll_read(&mut cx, &mut empty);
+    assert!(
+        matches!(polled, std::task::Poll::Ready(Ok(()))),
+        "{polled:?}"
+    );
+    // Nothing to read now, just after traffic: pending, and the AEAD contexts stay
+    // (they go only after EVICT_AFTER without traffic).
+    let mut some = [0u8; 8];
+    let mut read = tokio::io::ReadBuf::new(&mut some);
+    assert!(
+        std::pin::Pin::new(&mut tls)
+            .poll_read(&mut cx, &mut read)
+            .is_pending()
+    );
+    assert!(
+        format!("{tls:?}").contains("contexts: (true, true)"),
+        "{tls:?}"
+    );
 }
