@@ -788,7 +788,7 @@ fn debug_shows_counters_and_evicted_contexts_never_keys() {
 }
 
 #[tokio::test]
-async fn a_record_larger_than_the_readers_buffer_is_delivered_without_waiting_for_more() {
+async fn a_read_returns_from_the_poll_that_opened_its_record_fitting_or_not() {
     // The record does not fit the 8-byte buffer: the first 8 bytes must come back from
     // this very poll (the rest kept), not after the peer's next record, which never comes.
     use tokio::io::AsyncRead;
@@ -823,6 +823,22 @@ async fn a_record_larger_than_the_readers_buffer_is_delivered_without_waiting_fo
         matches!(polled, std::task::Poll::Ready(Ok(()))),
         "{polled:?}"
     );
+    // A record that fits goes straight into the buffer, and this very poll returns it.
+    let mut wire = Vec::new();
+    client
+        .writer()
+        .write_all(b"RCPT TO:<b@example.org>\r\n")
+        .unwrap();
+    client_out(&mut client, &mut wire);
+    pipe.write_all(&wire).await.unwrap();
+    let mut big = [0u8; 64];
+    let mut read = tokio::io::ReadBuf::new(&mut big);
+    let polled = std::pin::Pin::new(&mut tls).poll_read(&mut cx, &mut read);
+    assert!(
+        matches!(polled, std::task::Poll::Ready(Ok(()))),
+        "{polled:?}"
+    );
+    assert_eq!(read.filled(), b"RCPT TO:<b@example.org>\r\n");
     // Nothing to read now, just after traffic: pending, and the AEAD contexts stay
     // (they go only after EVICT_AFTER without traffic).
     let mut some = [0u8; 8];
