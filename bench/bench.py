@@ -239,10 +239,12 @@ def write_guard_cost(out, rounds, gib):
         "## Smuggling guard cost (relay)\n\n"
         f"`bench/run --guard-cost {rounds} --gib {gib:g}`, "
         f"{datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}: server CPU per GiB "
-        "relayed through implicit TLS (TLS_AES_128_GCM_SHA256), one DATA of 78-character CRLF lines, "
-        f"{rounds} interleaved rounds, median [min–max]. `normalize` (the default) scans every "
-        "line ending with a vectorised search for CR and LF and checks the byte after each CR; "
-        "`off` is the former byte-exact relay (one search for CRLF.CRLF).\n\n"
+        f"relayed through implicit TLS (TLS_AES_128_GCM_SHA256) over {CONNS} sessions in parallel, "
+        "one DATA each of 78-character CRLF lines, "
+        f"{rounds} interleaved rounds, median [min–max]. `normalize` (the default) first proves "
+        "a read is plain CRLF mail in one branch-free pass over adjacent bytes (no bare CR or "
+        "LF, no line starting with a dot) and otherwise walks its line endings; `off` is the "
+        "byte-exact relay (one search for CRLF.CRLF).\n\n"
         "| smuggling_guard | CPU s per GiB | vs off |\n|---|---|---|\n"
         + "".join(f"| `{k}` | {fmt(v)} | {med[k] / med['off']:.3f}× |\n" for k, v in out.items())
         + "\n")
