@@ -9,3 +9,15 @@ pub(crate) mod line;
 pub(crate) mod pretls;
 pub(crate) mod reply;
 pub(crate) mod stream;
+
+/// A small deterministic generator for the unit tests' random inputs (xorshift64), so a
+/// failing case is the same on every run.
+#[cfg(test)]
+pub(crate) fn xorshift(mut seed: u64) -> impl FnMut() -> u64 {
+    move || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed
+    }
+}

@@ -381,24 +381,8 @@ impl RecordLayer {
                         plain += end;
                     }
                 }
-                CT_HANDSHAKE => {
-                    let content = if to_out {
-                        &out[direct..direct + end]
-                    } else {
-                        &buf[start..start + end]
-                    };
-                    let content = content.to_vec();
-                    self.handshake_message(&content)?;
-                }
-                CT_ALERT => {
-                    let content = if to_out {
-                        &out[direct..direct + end]
-                    } else {
-                        &buf[start..start + end]
-                    };
-                    let content = content.to_vec();
-                    self.alert(&content)?;
-                }
+                CT_HANDSHAKE => self.handshake_message(&opened[..end])?,
+                CT_ALERT => self.alert(&opened[..end])?,
                 _ => {
                     return Err(refuse(alert::UNEXPECTED_MESSAGE, "unknown content type"));
                 }

@@ -532,13 +532,7 @@ fn data_scan_matches_the_byte_automaton() {
     // Content from a small alphabet dense in terminator bytes, split at every point and
     // started from every partial match: both scans must agree on every piece.
     let alphabet = b"\r\n.x";
-    let mut seed = 0x2545_f491_4f6c_dd1du64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut next = crate::smtp::xorshift(0x2545_f491_4f6c_dd1d);
     for _ in 0..3000 {
         let len = (next() % 40) as usize;
         let input: Vec<u8> = (0..len).map(|_| alphabet[(next() % 4) as usize]).collect();
@@ -563,13 +557,7 @@ fn data_scan_matches_the_byte_automaton() {
 /// Random content from the bytes that matter, ending at its one terminator.
 fn random_contents(count: usize) -> Vec<Vec<u8>> {
     let alphabet = b"\r\n.x";
-    let mut seed = 0x5eed_1234_abcd_ef01u64;
-    let mut next = move || {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed
-    };
+    let mut next = crate::smtp::xorshift(0x5eed_1234_abcd_ef01);
     (0..count)
         .map(|_| {
             let len = (next() % 24) as usize;
