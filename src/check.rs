@@ -120,12 +120,7 @@ pub fn describe(snapshot: &Snapshot) -> String {
     }
     let policies = &snapshot.mta_sts;
     for policy in policies.iter() {
-        let mx = policy
-            .text
-            .lines()
-            .filter_map(|l| l.strip_prefix("mx: "))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let mx = policy.mx.join(", ");
         let _ = writeln!(
             out,
             "mta-sts {}: served at https://mta-sts.{}/.well-known/mta-sts.txt (mx {mx}; max_age {}); publish:",

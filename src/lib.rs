@@ -55,7 +55,7 @@
 //!   `/metrics`, `/healthz`, `/readyz`.
 //! - [`metrics`] — the registry, closed: private families, a verb per metric, every fixed
 //!   label set an enum with `ALL` (`labels`); a leaf that imports nothing from the crate.
-//! - [`check`], [`telemetry`].
+//! - [`check`], [`telemetry`], [`hex`] (lower-case hex of digests and ids).
 //! - `fuzz_checks` (feature `fuzzing` only) — the invariants the `fuzz/` targets and
 //!   `tests/it/fuzz_corpus.rs` assert.
 //!
@@ -82,6 +82,7 @@ pub mod config;
 #[doc(hidden)]
 pub mod fuzz_checks;
 pub(crate) mod health;
+pub(crate) mod hex;
 pub(crate) mod http;
 pub(crate) mod io;
 pub(crate) mod listener;

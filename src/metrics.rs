@@ -223,7 +223,6 @@ impl Metrics {
             .observe(seconds);
     }
 
-    /// An event of the ACME entry for `domains`.
     /// One request to an `https` listener; `domain` "" when the host was none of ours.
     pub(crate) fn mta_sts_request(&self, domain: &str, result: MtaStsResult) {
         self.mta_sts_requests
@@ -234,6 +233,7 @@ impl Metrics {
             .inc();
     }
 
+    /// An event of the ACME entry for `domains`.
     pub(crate) fn acme_event(&self, domains: &str, event: AcmeEvent) {
         self.acme_events
             .get_or_create(&AcmeLabels {

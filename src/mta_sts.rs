@@ -13,19 +13,28 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
+use bytes::Bytes;
+use hyper::header::HeaderValue;
+
 use crate::config::{MtaStsConfig, StsMode};
 use crate::metrics::MtaStsResult;
 
 /// The path every MTA-STS client fetches.
 pub(crate) const POLICY_PATH: &str = "/.well-known/mta-sts.txt";
 
-/// One domain's policy, built once per snapshot (a reload swaps it whole: never half-written).
+/// One domain's policy, built once per snapshot (a reload swaps it whole: never half-written),
+/// with the response body and ETag a request gets ready-made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Policy {
     pub(crate) domain: String,
+    pub(crate) mx: Vec<String>,
     pub(crate) text: String,
     pub(crate) id: String,
     pub(crate) max_age: u64,
+    /// `text`, shared by every response (a reference count, not a copy).
+    pub(crate) body: Bytes,
+    /// `"<id>"`.
+    pub(crate) etag: HeaderValue,
 }
 
 impl Policy {
@@ -36,17 +45,16 @@ impl Policy {
         }
         let _ = write!(text, "max_age: {max_age}\r\n");
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, text.as_bytes());
-        let id = digest.as_ref()[..10]
-            .iter()
-            .fold(String::new(), |mut s, b| {
-                let _ = write!(s, "{b:02x}");
-                s
-            });
+        let id = crate::hex::hex(&digest.as_ref()[..10]);
+        let etag = HeaderValue::from_str(&format!("\"{id}\"")).expect("hex is a header value");
         Self {
             domain: domain.to_owned(),
+            mx: mx.to_vec(),
+            body: Bytes::from(text.clone()),
             text,
             id,
             max_age,
+            etag,
         }
     }
 

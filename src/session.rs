@@ -203,5 +203,5 @@ pub(crate) fn new_session_id() -> String {
             .unwrap_or_default();
         bytes = nanos.to_be_bytes();
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex::hex(&bytes)
 }

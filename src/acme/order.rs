@@ -272,7 +272,7 @@ async fn order(
             let name = challenge.identifier().to_string().to_ascii_lowercase();
             // Every replica answers from the store: write the answer before asking.
             let digest = challenge.key_authorization().digest();
-            let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+            let hex = crate::hex::hex(digest.as_ref());
             cache.write(
                 &AcmeStore::challenge_file(cache.dir(), &name),
                 hex.as_bytes(),

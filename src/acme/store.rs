@@ -308,10 +308,7 @@ fn hash(parts: &[String], directory: &str) -> String {
     input.push('\0');
     input.push_str(directory);
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, input.as_bytes());
-    digest.as_ref()[..12]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    crate::hex::hex(&digest.as_ref()[..12])
 }
 
 #[cfg(test)]

@@ -108,7 +108,8 @@ fn mta_sts(
     if !listeners.values().any(|l| l.mode == Mode::Https) {
         return Err((
             "mta_sts".into(),
-            "no listener has mode: https to serve the policies (port 443)".into(),
+            "no listener has mode: https to serve the policies: add one on port 443 (no upstream)"
+                .into(),
         ));
     }
     if let Some(rua) = &m.report_to
@@ -281,7 +282,8 @@ fn listener(
     if l.require_starttls && l.mode != Mode::Starttls {
         return Err((
             key("require_starttls"),
-            "only applies to mode: starttls (an implicit-TLS listener is always encrypted)".into(),
+            "only applies to mode: starttls (implicit and https listeners are always encrypted)"
+                .into(),
         ));
     }
     let limits = limits(&l.limits).map_err(|(k, r)| (key(&format!("limits.{k}")), r))?;

@@ -167,12 +167,11 @@ struct Direction {
 
 impl Direction {
     fn key(&mut self) -> Result<&LessSafeKey, Fatal> {
-        if self.key.is_none() {
-            self.key = Some(self.keys.context()?);
-        }
-        self.key
-            .as_ref()
-            .ok_or(refuse(alert::INTERNAL_ERROR, "no traffic key"))
+        let key = match self.key.take() {
+            Some(key) => key,
+            None => self.keys.context()?,
+        };
+        Ok(self.key.insert(key))
     }
 
     /// RFC 8446 §5.3: the sequence number, left-padded to the IV's length, xor the IV.

@@ -6,7 +6,7 @@
 //! within `idle_timeout`. A hostile client costs one bounded buffer and one timer.
 
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, OnceLock};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -36,16 +36,13 @@ where
     let l = facts.listener.clone();
     let policies = l.mta_sts.clone();
     let sni = facts.tls.as_ref().and_then(|t| t.sni.clone());
-    // What the request got, for the session line.
-    let last: Arc<Mutex<Option<(String, u16)>>> = Arc::default();
+    // What the request got, for the session line (one request: no keep-alive).
+    let last: Arc<OnceLock<Answer>> = Arc::default();
     let seen = last.clone();
     let service = service_fn(move |req: Request<Incoming>| {
         let answer = answer(&policies, &req, sni.as_deref());
-        let domain = answer.domain().unwrap_or("").to_owned();
-        crate::metrics::metrics().mta_sts_request(&domain, answer.result());
-        if let Ok(mut last) = seen.lock() {
-            *last = Some((domain, answer.status()));
-        }
+        crate::metrics::metrics().mta_sts_request(answer.domain().unwrap_or(""), answer.result());
+        let _ = seen.set(answer.clone());
         let head = req.method() == hyper::Method::HEAD;
         async move { Ok::<_, Infallible>(response(&answer, head)) }
     });
@@ -57,12 +54,12 @@ where
         .keep_alive(false)
         .serve_connection(TokioIo::new(io), service);
     let served = tokio::time::timeout(l.config.limits.idle_timeout, conn).await;
-    let last = last.lock().ok().and_then(|mut l| l.take());
-    let outcome = match (served, last) {
+    let outcome = match (served, last.get()) {
         (Err(_), None) => Outcome::Timeout(Phase::Idle),
-        (_, Some((domain, status))) => {
-            Outcome::MtaSts(format!("{domain} {status}").trim().to_owned())
-        }
+        (_, Some(answer)) => Outcome::MtaSts(match answer.domain() {
+            Some(domain) => format!("{domain} {}", answer.status()),
+            None => answer.status().to_string(),
+        }),
         (Ok(Err(e)), None) => Outcome::ProtocolError(format!("http: {e}")),
         (Ok(Ok(())), None) => Outcome::ClientClosed,
     };
@@ -83,25 +80,25 @@ fn answer(policies: &Policies, req: &Request<Incoming>, sni: Option<&str>) -> An
 
 fn response(answer: &Answer, head: bool) -> Response<Full<Bytes>> {
     let (status, body, policy) = match answer {
-        Answer::Policy(p) => (StatusCode::OK, p.text.clone(), Some(p)),
-        Answer::NotFound(_) => (StatusCode::NOT_FOUND, "not found\n".to_owned(), None),
+        Answer::Policy(p) => (StatusCode::OK, p.body.clone(), Some(p)),
+        Answer::NotFound(_) => (
+            StatusCode::NOT_FOUND,
+            Bytes::from_static(b"not found\n"),
+            None,
+        ),
         Answer::MethodNotAllowed(_) => (
             StatusCode::METHOD_NOT_ALLOWED,
-            "GET or HEAD only\n".to_owned(),
+            Bytes::from_static(b"GET or HEAD only\n"),
             None,
         ),
         Answer::Misdirected => (
             StatusCode::MISDIRECTED_REQUEST,
-            "no MTA-STS policy for this host\n".to_owned(),
+            Bytes::from_static(b"no MTA-STS policy for this host\n"),
             None,
         ),
     };
     let len = body.len();
-    let mut r = Response::new(Full::new(if head {
-        Bytes::new()
-    } else {
-        Bytes::from(body)
-    }));
+    let mut r = Response::new(Full::new(if head { Bytes::new() } else { body }));
     *r.status_mut() = status;
     let h = r.headers_mut();
     h.insert(
@@ -116,9 +113,7 @@ fn response(answer: &Answer, head: bool) -> Response<Full<Bytes>> {
             header::CACHE_CONTROL,
             HeaderValue::from_static(CACHE_CONTROL),
         );
-        if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", p.id)) {
-            h.insert(header::ETAG, etag);
-        }
+        h.insert(header::ETAG, p.etag.clone());
     }
     if matches!(answer, Answer::MethodNotAllowed(_)) {
         h.insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));

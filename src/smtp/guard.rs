@@ -102,13 +102,12 @@ impl Guard {
         debug_assert!(self.mode != GuardMode::Off);
         let mut i = 0;
         // Input bytes from `run` to `i` are written verbatim when the run is flushed.
-        let run = 0;
+        let mut run = 0;
         if !self.cr && self.col != Col::Dot && fast_path() {
             // Most reads are whole lines of ordinary mail: one vectorised pass proves it
             // and the byte-level walk below is skipped (it stopped at every line end).
             i = self.clean_prefix(input);
         }
-        let mut run = run;
         while i < input.len() {
             if self.cr {
                 self.cr = false;

@@ -90,8 +90,7 @@ pub(crate) fn tlsa_of_key(key: &impl rcgen::PublicKeyData) -> String {
 }
 
 fn tlsa_of_digest(digest: &[u8]) -> String {
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("3 1 1 {hex}")
+    format!("3 1 1 {}", crate::hex::hex(digest))
 }
 
 /// Reads names, key type, signature algorithm and expiry from the leaf.

@@ -144,7 +144,7 @@ pub(crate) struct ClientCertFacts {
 
 impl ClientCertFacts {
     pub(crate) fn fingerprint_hex(&self) -> String {
-        self.sha256.iter().map(|b| format!("{b:02x}")).collect()
+        crate::hex::hex(&self.sha256)
     }
 }
 
