@@ -2,7 +2,7 @@
 """Writes containers/grafana/smtp-tls-proxy.json, the Grafana dashboard of the proxy's metrics.
 The panels' PromQL lives here once; tests/it/dashboard.rs checks every metric it names
 against a live /metrics scrape and `promtool check rules` over the expressions."""
-import json, os
+import json, os, sys
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
 SEL = 'instance=~"$instance"'
@@ -62,7 +62,10 @@ dashboard = {
     ]},
     "panels": panels,
 }
-out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "smtp-tls-proxy.json")
+# Default: the committed file beside this script; tests/it/dashboard.rs writes elsewhere and
+# compares, so the JSON cannot drift from its source.
+out = sys.argv[1] if len(sys.argv) > 1 else os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "smtp-tls-proxy.json")
 with open(out, "w") as f:
     json.dump(dashboard, f, indent=1)
     f.write("\n")

@@ -92,8 +92,15 @@ mta_sts:
         Some("localhost"),
     )
     .await;
-    let mut smtp_reply = [0u8; 64];
-    let _ = tokio::io::AsyncReadExt::read(&mut tls, &mut smtp_reply).await;
+    let mut greeting = [0u8; 64];
+    let n = tokio::time::timeout(
+        IO_TIMEOUT,
+        tokio::io::AsyncReadExt::read(&mut tls, &mut greeting),
+    )
+    .await
+    .expect("the greeting within IO_TIMEOUT")
+    .unwrap();
+    assert!(greeting[..n].starts_with(b"220"), "{:?}", &greeting[..n]);
     drop(tls);
     // ... and a new key for a served name (reload).
     let (c2, k2) = cert(work.path(), "two");
@@ -114,21 +121,45 @@ mta_sts:
     let scraped = samples(&scrape);
 
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let dashboard: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(root.join("containers/grafana/smtp-tls-proxy.json")).unwrap(),
-    )
-    .unwrap();
+    let committed =
+        std::fs::read_to_string(root.join("containers/grafana/smtp-tls-proxy.json")).unwrap();
+    // The committed JSON is what its source writes (the PromQL lives in the script).
+    let regenerated = work.path().join("dashboard.json");
+    let ran = Command::new("python3")
+        .arg(root.join("containers/grafana/make-dashboard.py"))
+        .arg(&regenerated)
+        .status()
+        .unwrap();
+    assert!(ran.success(), "make-dashboard.py failed");
+    assert!(
+        std::fs::read_to_string(&regenerated).unwrap() == committed,
+        "containers/grafana/smtp-tls-proxy.json differs from what make-dashboard.py writes: run it"
+    );
+    let dashboard: serde_json::Value = serde_json::from_str(&committed).unwrap();
     let mut rules = String::from("groups:\n  - name: dashboard\n    rules:\n");
     let mut tests = String::new();
     let mut missing = BTreeSet::new();
+    let mut check_names = |expr: &str, place: String| {
+        for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+            if word.starts_with("smtp_proxy_") && !scraped.contains_key(word) {
+                missing.insert(format!("{word} ({place})"));
+            }
+        }
+    };
+    // The variables' queries too: a renamed metric there empties every panel's filter.
+    for variable in dashboard["templating"]["list"].as_array().unwrap() {
+        let query = &variable["query"];
+        if let Some(q) = query.as_str().or_else(|| query["query"].as_str()) {
+            check_names(
+                q,
+                format!("variable {}", variable["name"].as_str().unwrap_or("?")),
+            );
+        }
+    }
     for panel in dashboard["panels"].as_array().unwrap() {
         for target in panel["targets"].as_array().unwrap() {
             let expr = target["expr"].as_str().unwrap();
-            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
-                if word.starts_with("smtp_proxy_") && !scraped.contains_key(word) {
-                    missing.insert(format!("{word} (panel {:?})", panel["title"]));
-                }
-            }
+            check_names(expr, format!("panel {:?}", panel["title"]));
             let record = format!(
                 "dashboard:panel_{}_{}",
                 panel["id"],
