@@ -16,14 +16,6 @@ use crate::common::*;
 
 const DOMAIN: &str = "mail.example.test";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn config(mta: std::net::SocketAddr, tls_port: u16, acme: &str) -> String {
     format!(
         r#"log: {{ format: json }}

@@ -12,7 +12,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -22,13 +22,6 @@ use crate::common::*;
 
 const DOMAIN: &str = "mail.example.test";
 const REPLICAS: usize = 3;
-
-fn free_ports(n: usize) -> Vec<u16> {
-    let ls: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
-}
 
 /// HAProxy in TCP mode, round robin over `backends` (no PROXY header: a validation
 /// connection may land on any replica). With `checks`, a TCP health check and redispatch on

@@ -18,14 +18,6 @@ use crate::common::*;
 const MAIL: &str = "mail.example.org";
 const STS_HOST: &str = "mta-sts.example.org";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Sends `request` over TLS (SNI `sni`) and reads until the server closes.
 async fn https_raw(
     addr: SocketAddr,
@@ -346,24 +338,10 @@ async fn a_real_mta_sts_client_accepts_the_policy_refuses_a_wrong_certificate_an
     let id = checked_id(&config);
 
     let mut ns = Netns::new();
+    let args = pebble::challtestsrv_args("127.0.0.1:53", "127.0.0.1:8055");
     ns.spawn(
         pebble::CHALLTESTSRV,
-        &[
-            "-dns01",
-            "127.0.0.1:53",
-            "-management",
-            "127.0.0.1:8055",
-            "-http01",
-            "",
-            "-https01",
-            "",
-            "-tlsalpn01",
-            "",
-            "-defaultIPv6",
-            "",
-            "-defaultIPv4",
-            "127.0.0.1",
-        ],
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
     );
     let proxy_cmd = {
         let mut c = ns.command(&binary());

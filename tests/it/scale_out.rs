@@ -12,7 +12,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -28,13 +28,6 @@ const MESSAGES: usize = 300;
 const AFTER_RESTART: usize = 60;
 const CONCURRENCY: usize = 12;
 const KILL_AFTER: usize = 80;
-
-fn free_ports(n: usize) -> Vec<u16> {
-    let ls: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    ls.iter().map(|l| l.local_addr().unwrap().port()).collect()
-}
 
 struct Haproxy {
     child: Child,

@@ -211,7 +211,7 @@ impl SenderPostfix {
         for sub in ["conf", "queue"] {
             fs::create_dir(format!("{d}/{sub}")).unwrap();
         }
-        let port = free_port();
+        let port = super::free_port();
         let transport = routes
             .iter()
             .map(|r| {
@@ -768,11 +768,3 @@ pub fn connect_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> 
 
 // ---------------------------------------------------------------- small helpers (copied from
 // common::postfix, where they are private)
-
-pub fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}

@@ -1176,3 +1176,18 @@ impl Scrape {
             .sum()
     }
 }
+
+/// `n` distinct free TCP ports on 127.0.0.1 (held together while chosen, so they differ).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
+        .collect();
+    held.iter()
+        .map(|l| l.local_addr().expect("local_addr").port())
+        .collect()
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    free_ports(1)[0]
+}

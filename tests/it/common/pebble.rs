@@ -4,7 +4,7 @@
 //! processes are killed by PID on drop; readiness is read from their logs.
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::net::{SocketAddr, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -31,12 +31,27 @@ pub struct Pebble {
     logs: Arc<Mutex<String>>,
 }
 
-fn free_tcp() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// pebble-challtestsrv as a DNS server only (on `dns`), answering every name with 127.0.0.1,
+/// managed over HTTP on `management`.
+pub fn challtestsrv_args(dns: &str, management: &str) -> Vec<String> {
+    [
+        "-dns01",
+        dns,
+        "-defaultIPv4",
+        "127.0.0.1",
+        "-defaultIPv6",
+        "",
+        "-http01",
+        "",
+        "-https01",
+        "",
+        "-tlsalpn01",
+        "",
+        "-management",
+        management,
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }
 
 fn free_udp_and_tcp() -> u16 {
@@ -92,8 +107,9 @@ impl Pebble {
         std::fs::write(d.join("cert.pem"), leaf.pem()).unwrap();
         std::fs::write(d.join("key.pem"), leaf_key.serialize_pem()).unwrap();
 
-        let (api, management) = (free_tcp(), free_tcp());
-        let (dns, dns_management, http) = (free_udp_and_tcp(), free_tcp(), free_tcp());
+        let (api, management) = (super::free_port(), super::free_port());
+        let (dns, dns_management, http) =
+            (free_udp_and_tcp(), super::free_port(), super::free_port());
         std::fs::write(
             d.join("pebble-config.json"),
             format!(
@@ -120,22 +136,10 @@ impl Pebble {
             dir,
         };
         let mut cts = Command::new(CHALLTESTSRV);
-        cts.args([
-            "-dns01",
+        cts.args(challtestsrv_args(
             &format!("127.0.0.1:{dns}"),
-            "-defaultIPv4",
-            "127.0.0.1",
-            "-defaultIPv6",
-            "",
-            "-http01",
-            "",
-            "-https01",
-            "",
-            "-tlsalpn01",
-            "",
-            "-management",
             &format!("127.0.0.1:{dns_management}"),
-        ]);
+        ));
         pebble.spawn(cts, "Starting management server on");
         let mut pb = Command::new(PEBBLE);
         pb.current_dir(pebble.dir.path())

@@ -8,7 +8,7 @@
 #![allow(dead_code)]
 
 use std::fs;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -87,7 +87,7 @@ impl Postfix {
         }
         std::os::unix::fs::chown(format!("{d}/mail"), Some(NOBODY), Some(NOBODY)).expect("chown");
 
-        let ports = free_ports(4);
+        let ports = super::free_ports(4);
         let (proxy_port, plain_port) = (ports[0], ports[1]);
         let wrapper_port = opts.wrapper_tls.as_ref().map(|_| ports[2]);
         let starttls_port = opts.starttls_plain.as_ref().map(|_| ports[3]);
@@ -441,16 +441,6 @@ pub fn write_backdated(path: &str, contents: &str) {
         .open(path)
         .and_then(|f| f.set_modified(old))
         .expect("set mtime");
-}
-
-/// Distinct free ports: bind them all at once, then release (see the race note on `start`).
-fn free_ports(n: usize) -> Vec<u16> {
-    let ls: Vec<TcpListener> = (0..n)
-        .map(|_| TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0"))
-        .collect();
-    ls.iter()
-        .map(|l| l.local_addr().expect("local_addr").port())
-        .collect()
 }
 
 /// Is anything in LISTEN state (st 0A) on local TCP port `port`, per /proc/net/tcp?
