@@ -70,16 +70,7 @@ async fn pebble_issues_a_certificate_that_every_listener_serves_and_a_restart_re
     );
     let yaml = config(mta.addr, tls_port, &acme);
     let proxy = spawn_proxy(&yaml);
-    proxy
-        .wait_for_nth_log(1, Duration::from_secs(60), |v| {
-            v["message"] == "acme certificate deployed"
-        })
-        .await;
-    let challenge = proxy
-        .find_log(|v| v["message"] == "session" && v["outcome"] == "acme_challenge")
-        .expect("Pebble validated through the proxy's implicit listener");
-    assert_eq!(challenge["listener"], "smtps");
-    let root = pebble.issuance_root().await;
+    let root = pebble.first_issuance(&proxy, "smtps").await;
     let issued = implicit_leaf(proxy.addr("smtps"), verifying_client(root.clone())).await;
     let over_starttls = starttls_leaf(proxy.addr("smtp"), verifying_client(root.clone())).await;
     assert_eq!(issued, over_starttls, "one certificate for both listeners");

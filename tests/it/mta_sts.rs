@@ -88,16 +88,7 @@ mta_sts:
         cache = work.path().join("acme").display(),
     );
     let proxy = spawn_proxy(&yaml);
-    proxy
-        .wait_for_nth_log(1, Duration::from_secs(60), |v| {
-            v["message"] == "acme certificate deployed"
-        })
-        .await;
-    let challenge = proxy
-        .find_log(|v| v["message"] == "session" && v["outcome"] == "acme_challenge")
-        .expect("Pebble validated through the https listener");
-    assert_eq!(challenge["listener"], "https");
-    let root = pebble.issuance_root().await;
+    let root = pebble.first_issuance(&proxy, "https").await;
     let response = https_raw(
         proxy.addr("https"),
         verifying_client(root.clone()),
@@ -297,22 +288,35 @@ fn checked_id(config: &Path) -> String {
         .to_owned()
 }
 
-fn sts_config(cert: &Pki, mode: &str) -> String {
+/// The policy host for the real client: on port 443 of its namespace, two MX patterns.
+fn sts_config(pki: &Pki, mode: &str) -> String {
+    sts_yaml(
+        pki,
+        "127.0.0.1:443",
+        "",
+        &format!(r#"mode: {mode}, mx: [{MAIL}, "*.mx.example.org"]"#),
+    )
+}
+
+/// A mail listener, an `https` listener on `https_listen` (with `https_extra` settings), and
+/// one policy for example.org (`policy`: its settings).
+fn sts_yaml(pki: &Pki, https_listen: &str, https_extra: &str, policy: &str) -> String {
     format!(
         r#"log: {{ format: json }}
+metrics: {{ listen: "127.0.0.1:0" }}
 upstreams:
   mta: {{ address: "127.0.0.1:9", connect_timeout: 1s }}
 certificates:
   - {{ cert: {cert}, key: {key} }}
 listeners:
   smtp: {{ listen: "127.0.0.1:0", mode: starttls, hostname: {MAIL}, upstream: mta }}
-  https: {{ listen: "127.0.0.1:443", mode: https, hostname: {STS_HOST} }}
+  https: {{ listen: "{https_listen}", mode: https, hostname: {STS_HOST}{https_extra} }}
 mta_sts:
   domains:
-    example.org: {{ mode: {mode}, mx: [{MAIL}, "*.mx.example.org"] }}
+    example.org: {{ {policy} }}
 "#,
-        cert = cert.cert.display(),
-        key = cert.key.display(),
+        cert = pki.cert.display(),
+        key = pki.key.display(),
     )
 }
 
@@ -428,23 +432,13 @@ async fn a_real_mta_sts_client_accepts_the_policy_refuses_a_wrong_certificate_an
     drop(ns);
 }
 
+/// The policy host on a free port, one MX, `limits` on the https listener.
 fn local_config(pki: &Pki, limits: &str) -> String {
-    format!(
-        r#"log: {{ format: json }}
-metrics: {{ listen: "127.0.0.1:0" }}
-upstreams:
-  mta: {{ address: "127.0.0.1:9", connect_timeout: 1s }}
-certificates:
-  - {{ cert: {cert}, key: {key} }}
-listeners:
-  smtp: {{ listen: "127.0.0.1:0", mode: starttls, hostname: {MAIL}, upstream: mta }}
-  https: {{ listen: "127.0.0.1:0", mode: https, hostname: {STS_HOST}{limits} }}
-mta_sts:
-  domains:
-    example.org: {{ mode: enforce, mx: [{MAIL}] }}
-"#,
-        cert = pki.cert.display(),
-        key = pki.key.display(),
+    sts_yaml(
+        pki,
+        "127.0.0.1:0",
+        limits,
+        &format!("mode: enforce, mx: [{MAIL}]"),
     )
 }
 

@@ -202,6 +202,25 @@ impl Pebble {
     }
 
     /// Pebble's issuance root (new at every start), from its management API.
+    /// Waits for `proxy`'s first ACME certificate, checks that Pebble's validation was
+    /// answered on `listener`, and returns the root that certificate chains to.
+    pub async fn first_issuance(
+        &self,
+        proxy: &super::RunningProxy,
+        listener: &str,
+    ) -> CertificateDer<'static> {
+        proxy
+            .wait_for_nth_log(1, Duration::from_secs(60), |v| {
+                v["message"] == "acme certificate deployed"
+            })
+            .await;
+        let challenge = proxy
+            .find_log(|v| v["message"] == "session" && v["outcome"] == "acme_challenge")
+            .unwrap_or_else(|| panic!("Pebble validated through the {listener} listener"));
+        assert_eq!(challenge["listener"], listener);
+        self.issuance_root().await
+    }
+
     pub async fn issuance_root(&self) -> CertificateDer<'static> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.api_ca_der.clone()).unwrap();
