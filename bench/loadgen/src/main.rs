@@ -214,13 +214,20 @@ async fn discard_data<R: AsyncBufReadExt + Unpin>(r: &mut R) -> Res<()> {
     let mut tail: Vec<u8> = b"\r\n".to_vec();
     let mut seen = 0u64;
     loop {
+        let mut stalls = 0;
         let buf = loop {
             match tokio::time::timeout(STALL, r.fill_buf()).await {
                 Ok(buf) => break buf?,
-                Err(_) => eprintln!(
-                    "{}",
-                    serde_json::json!({ "sink_stall": "DATA", "content_bytes": seen, "last_bytes": format!("{:?}", String::from_utf8_lossy(&tail)) })
-                ),
+                Err(_) => {
+                    eprintln!(
+                        "{}",
+                        serde_json::json!({ "sink_stall": "DATA", "content_bytes": seen, "last_bytes": format!("{:?}", String::from_utf8_lossy(&tail)) })
+                    );
+                    stalls += 1;
+                    if stalls == MAX_STALLS {
+                        return Err("no content for MAX_STALLS x STALL".into());
+                    }
+                }
             }
         };
         if buf.is_empty() {
@@ -452,8 +459,9 @@ async fn handshakes(addr: SocketAddr, sni: String, n: usize, conc: usize, pq: bo
 }
 
 /// How long a throughput session or the sink may see no progress before it says so on
-/// stderr (what it sent or saw last); the driver's own timeout still decides.
+/// stderr (what it sent or saw last); after `MAX_STALLS` in a row it gives up.
 const STALL: Duration = Duration::from_secs(20);
+const MAX_STALLS: u32 = 6;
 
 async fn throughput(addr: SocketAddr, sni: String, bytes: u64, conns: u64) -> Res<()> {
     let c = connector(false);
@@ -515,36 +523,55 @@ async fn throughput_one(
     let mut sent = 0u64;
     while sent < bytes {
         let mut write = std::pin::pin!(s.get_mut().write_all(&chunk));
+        let mut stalls = 0;
         loop {
             match tokio::time::timeout(STALL, &mut write).await {
                 Ok(r) => break r?,
-                Err(_) => eprintln!(
-                    "{}",
-                    serde_json::json!({ "client_stall": id, "sent": sent, "phase": "content" })
-                ),
+                Err(_) => {
+                    eprintln!(
+                        "{}",
+                        serde_json::json!({ "client_stall": id, "sent": sent, "phase": "content" })
+                    );
+                    stalls += 1;
+                    if stalls == MAX_STALLS {
+                        return Err("content not taken for MAX_STALLS x STALL".into());
+                    }
+                }
             }
         }
         sent += chunk.len() as u64;
     }
     s.get_mut().write_all(b".\r\n").await?;
     s.get_mut().flush().await?;
-    let mut last = String::new();
+    // read_until, not read_line: it keeps what a timed-out attempt read.
+    let mut last = Vec::new();
+    let mut stalls = 0;
     loop {
-        match tokio::time::timeout(STALL, s.read_line(&mut last)).await {
+        match tokio::time::timeout(STALL, s.read_until(b'\n', &mut last)).await {
             Ok(r) => {
                 if r? == 0 {
                     return Err("closed before the end-of-data reply".into());
                 }
                 break;
             }
-            Err(_) => eprintln!(
-                "{}",
-                serde_json::json!({ "client_stall": id, "sent": sent, "phase": "end-of-data reply", "read": last })
-            ),
+            Err(_) => {
+                eprintln!(
+                    "{}",
+                    serde_json::json!({ "client_stall": id, "sent": sent, "phase": "end-of-data reply", "read": String::from_utf8_lossy(&last) })
+                );
+                stalls += 1;
+                if stalls == MAX_STALLS {
+                    return Err("no end-of-data reply for MAX_STALLS x STALL".into());
+                }
+            }
         }
     }
-    if !last.starts_with("250") {
-        return Err(format!("end of data -> {}", last.trim_end()).into());
+    if !last.starts_with(b"250") {
+        return Err(format!(
+            "end of data -> {}",
+            String::from_utf8_lossy(&last).trim_end()
+        )
+        .into());
     }
     let _ = cmd(&mut s, b"QUIT\r\n", 221).await;
     Ok((sent, cipher))
