@@ -61,11 +61,30 @@ impl<'a> Counter<'a> {
         .unwrap();
         std::fs::rename(&aside, self.config).unwrap();
         let name = format!("sentinel{k}");
-        self.proxy
-            .wait_for_log(|v| v["message"] == "listening" && v["listener"] == name.as_str())
-            .await;
+        // The sentinel's listener is bound inside its reload, and `reloaded` is logged after
+        // it: the sentinel's reload is the first `reloaded` after its `listening` line, and
+        // the count is every `reloaded` up to and including that one.
+        let count = eventually(IO_TIMEOUT, "the sentinel's reload", || async {
+            let logs = self.proxy.logs();
+            let bound = logs
+                .iter()
+                .position(|v| v["message"] == "listening" && v["listener"] == name.as_str())
+                .ok_or_else(|| self.proxy.log_text())?;
+            let done = bound
+                + logs[bound..]
+                    .iter()
+                    .position(|v| v["message"] == "reloaded")
+                    .ok_or_else(|| self.proxy.log_text())?;
+            Ok::<_, String>(
+                logs[..=done]
+                    .iter()
+                    .filter(|v| v["message"] == "reloaded")
+                    .count(),
+            )
+        })
+        .await;
         self.sentinels.set(k + 1);
-        self.proxy.count_logs(|v| v["message"] == "reloaded")
+        count
     }
 
     async fn exactly(&self, n: usize, what: &str) {
