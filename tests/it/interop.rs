@@ -36,9 +36,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
-use crate::common::RunningProxy;
 use crate::common::interop::*;
 use crate::common::postfix::{Postfix, PostfixOptions};
+use crate::common::{RunningProxy, wait_until};
 
 const WAIT: Duration = Duration::from_secs(30);
 const MX: &str = "mx.example.test";
@@ -414,7 +414,8 @@ fn postfix_untrusted_defers(bed: &Bed, sender: &SenderPostfix) -> Outcome {
         .and_then(|s| s.rsplit(' ').next())
         .unwrap_or_default()
         .to_owned();
-    if id.is_empty() || !sender.deferred().contains(&id) {
+    // The delivery agent logs the deferral before the queue manager moves the file: polled.
+    if id.is_empty() || !wait_until(Duration::from_secs(10), || sender.deferred().contains(&id)) {
         return Err(format!(
             "message {id:?} not in the deferred queue ({:?})",
             sender.deferred()
