@@ -30,14 +30,14 @@ const REPLICAS: usize = 3;
 /// until its first checks pass, which would hide replicas from the first validations).
 struct Balancer {
     child: Child,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 impl Balancer {
     fn start(front: u16, backends: &[u16], checks: bool) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = format!(
-            "global\n  maxconn 500\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n\
+            "global\n  maxconn 500\n  log stdout format raw local0\ndefaults\n  mode tcp\n  log global\n  option tcplog\n  timeout connect 2s\n  timeout client 30s\n  timeout server 30s\n\
              \x20 retries 3\n  option redispatch\n\
              frontend tls\n  bind 127.0.0.1:{front}\n  default_backend replicas\n\
              backend replicas\n  balance roundrobin\n"
@@ -56,7 +56,7 @@ impl Balancer {
             .arg("-db")
             .arg("-f")
             .arg(&path)
-            .stdout(Stdio::null())
+            .stdout(std::fs::File::create(dir.path().join("haproxy.log")).unwrap())
             .stderr(Stdio::null())
             .spawn()
             .expect("haproxy is installed (.ci/run installs it)");
@@ -64,7 +64,12 @@ impl Balancer {
             wait_until(Duration::from_secs(10), || postfix::is_listening(front)),
             "HAProxy listens on {front}"
         );
-        Self { child, _dir: dir }
+        Self { child, dir }
+    }
+
+    /// HAProxy's connection log (one line per connection: which server took it).
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("haproxy.log")).unwrap_or_default()
     }
 }
 
@@ -80,7 +85,7 @@ struct Cluster {
     store: PathBuf,
     replicas: Vec<Option<RunningProxy>>,
     ports: Vec<u16>,
-    _balancer: Balancer,
+    balancer: Balancer,
     _work: tempfile::TempDir,
     _mta: FakeMta,
 }
@@ -151,7 +156,7 @@ async fn cluster(validity_s: Option<u64>, rotate: bool, va_sleep: bool) -> Clust
         store,
         replicas,
         ports,
-        _balancer: balancer,
+        balancer,
         _work: work,
         _mta: mta,
     }
@@ -311,7 +316,29 @@ async fn three_replicas_behind_round_robin_obtain_one_certificate_and_renew_it_o
             if answered >= 2 {
                 Ok(())
             } else {
-                Err(format!("validation reached {answered} replica(s)"))
+                let sessions: Vec<String> = c
+                    .live()
+                    .flat_map(|(i, r)| {
+                        r.logs()
+                            .into_iter()
+                            .filter(|v| v["message"] == "session")
+                            .map(move |v| format!("replica {i}: {v}"))
+                    })
+                    .collect();
+                let validations: Vec<String> = c
+                    .pebble
+                    .log()
+                    .lines()
+                    .filter(|l| l.contains("alidat") || l.contains("tls-alpn"))
+                    .map(str::to_owned)
+                    .collect();
+                Err(format!(
+                    "validation reached {answered} replica(s); sessions:\n{}\nPebble:\n{}\nHAProxy (ports {:?}):\n{}",
+                    sessions.join("\n"),
+                    validations.join("\n"),
+                    c.ports,
+                    c.balancer.log()
+                ))
             }
         },
     )

@@ -1177,17 +1177,41 @@ impl Scrape {
     }
 }
 
-/// `n` distinct free TCP ports on 127.0.0.1 (held together while chosen, so they differ).
+/// Where fixed ports come from: below the kernel's ephemeral range (32768–60999 by
+/// default), which every `127.0.0.1:0` bind and every outgoing connection draws from.
+const FIXED_PORTS: std::ops::Range<u32> = 20_000..32_000;
+
+/// Ports handed out so far in this process.
+static PORTS_TAKEN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// `n` distinct free ports on 127.0.0.1, free for TCP and UDP, for processes that must be
+/// told their port beforehand (Postfix, Pebble, HAProxy, a proxy whose address goes in a
+/// config). A port taken with `bind(0)` and released was free only until the next test's
+/// `bind(0)` or connect took it (seen under load: "Address already in use", and a balancer
+/// port served by another process). These come from outside the ephemeral range and are
+/// never handed out twice in this process (a pid-based start keeps two test processes apart).
 pub fn free_ports(n: usize) -> Vec<u16> {
-    let held: Vec<std::net::TcpListener> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0"))
-        .collect();
-    held.iter()
-        .map(|l| l.local_addr().expect("local_addr").port())
+    use std::sync::atomic::Ordering;
+    let span = FIXED_PORTS.end - FIXED_PORTS.start;
+    let start = std::process::id() % span;
+    (0..n)
+        .map(|_| {
+            loop {
+                let k = PORTS_TAKEN.fetch_add(1, Ordering::Relaxed);
+                assert!(k < span, "ran out of fixed test ports");
+                let port = (FIXED_PORTS.start + (start + k) % span) as u16;
+                // Something else on this machine may listen there: skipped.
+                if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+                    && std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok()
+                {
+                    break port;
+                }
+            }
+        })
         .collect()
 }
 
-/// A free TCP port on 127.0.0.1.
+/// A free port on 127.0.0.1 (see `free_ports`).
 pub fn free_port() -> u16 {
     free_ports(1)[0]
 }

@@ -4,7 +4,7 @@
 //! processes are killed by PID on drop; readiness is read from their logs.
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -54,15 +54,6 @@ pub fn challtestsrv_args(dns: &str, management: &str) -> Vec<String> {
     .to_vec()
 }
 
-fn free_udp_and_tcp() -> u16 {
-    // DNS listens on both; a port free for UDP is almost always free for TCP on loopback.
-    UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl Pebble {
     /// Starts challtestsrv and Pebble; returns once Pebble serves its directory.
     pub fn start(tls_port: u16) -> Self {
@@ -108,8 +99,10 @@ impl Pebble {
         std::fs::write(d.join("key.pem"), leaf_key.serialize_pem()).unwrap();
 
         let (api, management) = (super::free_port(), super::free_port());
-        let (dns, dns_management, http) =
-            (free_udp_and_tcp(), super::free_port(), super::free_port());
+        let (dns, dns_management, http) = {
+            let p = super::free_ports(3);
+            (p[0], p[1], p[2])
+        };
         std::fs::write(
             d.join("pebble-config.json"),
             format!(
