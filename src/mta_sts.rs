@@ -28,10 +28,10 @@ pub(crate) const POLICY_PATH: &str = "/.well-known/mta-sts.txt";
 pub(crate) struct Policy {
     pub(crate) domain: String,
     pub(crate) mx: Vec<String>,
-    pub(crate) text: String,
     pub(crate) id: String,
     pub(crate) max_age: u64,
-    /// `text`, shared by every response (a reference count, not a copy).
+    /// The policy text (RFC 8461 §3.2), shared by every response (a reference count, not a
+    /// copy).
     pub(crate) body: Bytes,
     /// `"<id>"`.
     pub(crate) etag: HeaderValue,
@@ -50,8 +50,7 @@ impl Policy {
         Self {
             domain: domain.to_owned(),
             mx: mx.to_vec(),
-            body: Bytes::from(text.clone()),
-            text,
+            body: Bytes::from(text),
             id,
             max_age,
             etag,
@@ -196,7 +195,7 @@ mod tests {
             86_400,
         );
         assert_eq!(
-            p.text,
+            p.body,
             "version: STSv1\r\nmode: enforce\r\nmx: mail.example.org\r\nmax_age: 86400\r\n"
         );
         assert_eq!(p.id.len(), 20);
@@ -228,7 +227,7 @@ mod tests {
                 86_401,
             ),
         ] {
-            assert_ne!(p.id, changed.id, "{}", changed.text);
+            assert_ne!(p.id, changed.id, "{:?}", changed.body);
         }
         assert_eq!(
             p.txt_record(),

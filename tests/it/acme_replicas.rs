@@ -163,6 +163,32 @@ async fn cluster(validity_s: Option<u64>, rotate: bool, va_sleep: bool) -> Clust
 }
 
 impl Cluster {
+    /// Every replica's sessions, Pebble's validation lines and HAProxy's connection log: where
+    /// the validation connections went, for a failure message.
+    fn where_validations_went(&self) -> String {
+        let sessions: Vec<String> = self
+            .live()
+            .flat_map(|(i, r)| {
+                r.logs()
+                    .into_iter()
+                    .filter(|v| v["message"] == "session")
+                    .map(move |v| format!("replica {i}: {v}"))
+            })
+            .collect();
+        let pebble = self.pebble.log();
+        let validations: Vec<&str> = pebble
+            .lines()
+            .filter(|l| l.contains("alidat") || l.contains("tls-alpn"))
+            .collect();
+        format!(
+            "sessions:\n{}\nPebble:\n{}\nHAProxy (replica ports {:?}):\n{}",
+            sessions.join("\n"),
+            validations.join("\n"),
+            self.ports,
+            self.balancer.log()
+        )
+    }
+
     fn live(&self) -> impl Iterator<Item = (usize, &RunningProxy)> {
         self.replicas
             .iter()
@@ -316,28 +342,9 @@ async fn three_replicas_behind_round_robin_obtain_one_certificate_and_renew_it_o
             if answered >= 2 {
                 Ok(())
             } else {
-                let sessions: Vec<String> = c
-                    .live()
-                    .flat_map(|(i, r)| {
-                        r.logs()
-                            .into_iter()
-                            .filter(|v| v["message"] == "session")
-                            .map(move |v| format!("replica {i}: {v}"))
-                    })
-                    .collect();
-                let validations: Vec<String> = c
-                    .pebble
-                    .log()
-                    .lines()
-                    .filter(|l| l.contains("alidat") || l.contains("tls-alpn"))
-                    .map(str::to_owned)
-                    .collect();
                 Err(format!(
-                    "validation reached {answered} replica(s); sessions:\n{}\nPebble:\n{}\nHAProxy (ports {:?}):\n{}",
-                    sessions.join("\n"),
-                    validations.join("\n"),
-                    c.ports,
-                    c.balancer.log()
+                    "validation reached {answered} replica(s)\n{}",
+                    c.where_validations_went()
                 ))
             }
         },

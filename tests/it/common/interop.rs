@@ -765,6 +765,3 @@ pub fn connect_from(from: IpAddr, to: SocketAddr) -> std::io::Result<TcpStream> 
     s.connect_timeout(&to.into(), Duration::from_secs(5))?;
     Ok(s.into())
 }
-
-// ---------------------------------------------------------------- small helpers (copied from
-// common::postfix, where they are private)

@@ -98,10 +98,8 @@ impl Pebble {
         std::fs::write(d.join("cert.pem"), leaf.pem()).unwrap();
         std::fs::write(d.join("key.pem"), leaf_key.serialize_pem()).unwrap();
 
-        let (api, management) = (super::free_port(), super::free_port());
-        let (dns, dns_management, http) = {
-            let p = super::free_ports(3);
-            (p[0], p[1], p[2])
+        let [api, management, dns, dns_management, http] = super::free_ports(5)[..] else {
+            unreachable!("five ports")
         };
         std::fs::write(
             d.join("pebble-config.json"),
@@ -194,7 +192,6 @@ impl Pebble {
         format!("https://{}/dir", self.api)
     }
 
-    /// Pebble's issuance root (new at every start), from its management API.
     /// Waits for `proxy`'s first ACME certificate, checks that Pebble's validation was
     /// answered on `listener`, and returns the root that certificate chains to.
     pub async fn first_issuance(
@@ -214,6 +211,7 @@ impl Pebble {
         self.issuance_root().await
     }
 
+    /// Pebble's issuance root (new at every start), from its management API.
     pub async fn issuance_root(&self) -> CertificateDer<'static> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.api_ca_der.clone()).unwrap();
